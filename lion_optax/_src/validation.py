@@ -1,0 +1,178 @@
+"""Checks of static options, run when a transformation is built.
+
+Every check raises an error that says what was wrong, what was expected and how
+to fix it, so that a bad option fails at construction instead of at the first
+``update`` (or, worse, never).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _concrete_float(value: Any) -> float | None:
+    """Returns ``value`` as a Python float when it is a concrete scalar, else None.
+
+    Traced values (under ``jit``) and arrays that are not scalars return None:
+    they cannot be checked when the transformation is built.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        array = np.asarray(value)
+    except Exception:  # pylint: disable=broad-except
+        return None
+    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+        return None
+    return float(array)
+
+
+def check_probability(name: str, value: Any, *, hint: str = '') -> None:
+    """Refuses a concrete ``value`` outside ``[0, 1]`` or NaN (e.g. ``b1``, ``b2``)."""
+    number = _concrete_float(value)
+    if number is None:
+        return
+    if math.isnan(number) or not 0.0 <= number <= 1.0:
+        raise ValueError(
+            f'{name}={value!r} is outside the valid range [0, 1]. {name} is an '
+            'interpolation/decay rate; pass a float such as 0.9 or 0.99.'
+            + (f' {hint}' if hint else '')
+        )
+
+
+def check_nonnegative(name: str, value: Any, *, hint: str = '') -> None:
+    """Refuses a concrete ``value`` that is negative, NaN or infinite.
+
+    Callables (schedules) are accepted: they are evaluated per step.
+    """
+    if callable(value):
+        return
+    number = _concrete_float(value)
+    if number is None:
+        if not isinstance(value, jax.core.Tracer) and np.ndim(value) != 0:
+            raise ValueError(
+                f'{name} must be a scalar or a schedule (a callable of the step '
+                f'count), got an array of shape {np.shape(value)}.'
+            )
+        return
+    if not math.isfinite(number) or number < 0.0:
+        raise ValueError(
+            f'{name}={value!r} is invalid: expected a finite number >= 0 or a '
+            'schedule. A negative value would reverse the step (ascent instead '
+            'of descent).' + (f' {hint}' if hint else '')
+        )
+
+
+def check_positive(name: str, value: Any, *, hint: str = '') -> None:
+    """Refuses a concrete ``value`` that is not a finite number > 0."""
+    check_nonnegative(name, value, hint=hint)
+    number = _concrete_float(value)
+    if number is not None and number == 0.0:
+        raise ValueError(
+            f'{name}={value!r} is invalid: expected a finite number > 0.'
+            + (f' {hint}' if hint else '')
+        )
+
+
+def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> Any:
+    """Returns ``dtype`` canonicalised, refusing anything that is not a float type."""
+    if dtype is None:
+        if allow_none:
+            return None
+        raise TypeError(f'{name} must be a floating-point dtype, got None.')
+    try:
+        canonical = jnp.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(
+            f'{name}={dtype!r} is not a dtype. Pass a floating-point dtype such '
+            'as jnp.float32 or jnp.bfloat16, or None to follow the parameters.'
+        ) from error
+    if not jnp.issubdtype(canonical, jnp.floating):
+        raise TypeError(
+            f'{name}={dtype!r} is not a floating-point dtype. Lion keeps a '
+            'momentum (an average of gradients), which needs a float type: pass '
+            'jnp.float32, jnp.bfloat16 or jnp.float16, or None to follow the '
+            'parameters.'
+        )
+    return jax.dtypes.canonicalize_dtype(canonical)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Refuses ``value`` that is not one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(
+            f'{name}={value!r} is not a known option. Expected one of '
+            f'{", ".join(repr(c) for c in choices)}.'
+        )
+
+
+def check_float_params(params: Any, *, who: str) -> None:
+    """Refuses integer, boolean and complex leaves at ``init`` time.
+
+    Args:
+        params: the parameter pytree given to ``init``.
+        who: the transformation's name, for the message.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f'{who}: parameter {jax.tree_util.keystr(path)} is complex '
+                f"({dtype}). Lion's sign update is not defined for complex numbers; "
+                'split the parameter into real and imaginary float parts '
+                '(e.g. store jnp.stack([z.real, z.imag])) and optimise those.'
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f'{who}: parameter {jax.tree_util.keystr(path)} has dtype {dtype}, '
+                'which cannot take a gradient step. Give Lion floating-point '
+                'parameters only; keep integer buffers (counters, indices) out of '
+                'the optimised tree, e.g. with optax.masked or '
+                'optax.partition.'
+            )
+
+
+def check_matching_trees(
+    what: str,
+    updates: Any,
+    reference: Any,
+    reference_name: str,
+    *,
+    who: str,
+) -> None:
+    """Refuses ``updates`` whose tree structure or leaf shapes differ from ``reference``.
+
+    Runs at trace time (shapes are static), so it costs nothing in the step.
+
+    Args:
+        what: the name of ``updates`` for the message (e.g. 'gradient').
+        updates: a pytree of arrays.
+        reference: a pytree of arrays with the expected structure and shapes.
+        reference_name: the name of ``reference`` for the message.
+        who: the transformation's name, for the message.
+    """
+    update_leaves, update_def = jax.tree_util.tree_flatten_with_path(updates)
+    reference_leaves, reference_def = jax.tree_util.tree_flatten_with_path(reference)
+    if update_def != reference_def:
+        raise ValueError(
+            f'{who}: the {what} tree does not match the {reference_name} tree.\n'
+            f'  {what}: {update_def}\n  {reference_name}: {reference_def}\n'
+            'Pass a gradient with exactly the structure of the parameters given '
+            'to init (same containers, same keys).'
+        )
+    for (path, leaf), (_, expected) in zip(update_leaves, reference_leaves):
+        if jnp.shape(leaf) != jnp.shape(expected):
+            raise ValueError(
+                f'{who}: {what} leaf {jax.tree_util.keystr(path)} has shape '
+                f'{jnp.shape(leaf)} but the {reference_name} has shape '
+                f'{jnp.shape(expected)}. Lion never broadcasts gradients (that '
+                "would silently change the parameters' shape); pass a gradient "
+                'of the same shape as the parameter.'
+            )

@@ -1,0 +1,135 @@
+"""Decoupled weight decay, in the two conventions Lion users meet."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lion_optax._src import validation
+from lion_optax._src.direction import compute_dtype
+
+WEIGHT_DECAY_CONVENTIONS = ('paper', 'fully_decoupled')
+
+
+class AddDecoupledWeightDecayState(NamedTuple):
+    """State of :func:`add_decoupled_weight_decay`.
+
+    Attributes:
+      count: number of updates so far, the argument of a weight-decay schedule.
+    """
+
+    count: jax.Array
+
+
+def add_decoupled_weight_decay(
+    weight_decay: optax.ScalarOrSchedule = 1e-3,
+    *,
+    convention: str = 'paper',
+    reference_learning_rate: float | None = None,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> optax.GradientTransformation:
+    r"""Adds decoupled weight decay to a direction, before the learning rate.
+
+    Placed between :func:`scale_by_lion` and ``optax.scale_by_learning_rate``
+    (as :func:`lion` does), it gives the parameter step
+
+    .. math::
+
+      \text{paper:} \quad
+        \theta_{t+1} = \theta_t - \eta_t\,(u_t + \lambda_t \theta_t)
+      \qquad
+      \text{fully\_decoupled:} \quad
+        \theta_{t+1} = \theta_t - \eta_t u_t
+        - \frac{\eta_t}{\eta_{\mathrm{ref}}}\,\lambda_t \theta_t
+
+    - ``'paper'``: the decay is multiplied by the (scheduled) learning rate
+      :math:`\eta_t`: Chen et al. (2023), ``optax.lion``, keras, timm.
+    - ``'fully_decoupled'``: the decay follows only the schedule's *shape*
+      :math:`\eta_t / \eta_{\mathrm{ref}}` (Loshchilov and Hutter's original
+      AdamW; lion-pytorch's ``decoupled_weight_decay=True``, llm-foundry). With
+      a constant learning rate each step multiplies the weights by
+      :math:`1 - \lambda`, whatever the learning rate.
+
+    The decay uses :math:`\theta_t` before the step.
+
+    Args:
+      weight_decay: :math:`\lambda`, a float >= 0 or a schedule of the step.
+      convention: ``'paper'`` or ``'fully_decoupled'``.
+      reference_learning_rate: :math:`\eta_{\mathrm{ref}}` (usually the peak
+        learning rate), required for ``'fully_decoupled'``; must be > 0.
+      mask: a pytree of booleans with the params' structure (or a prefix), or
+        a callable returning one from the params; ``False`` leaves (biases,
+        norm scales) get no decay.
+
+    Returns:
+      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import lion_optax
+      >>> tx = lion_optax.add_decoupled_weight_decay(0.1)
+      >>> params = {'w': jnp.array([2.0])}
+      >>> updates, _ = tx.update({'w': jnp.array([1.0])}, tx.init(params), params)
+      >>> updates['w']
+      Array([1.2], dtype=float32)
+    """
+    validation.check_nonnegative('weight_decay', weight_decay)
+    validation.check_choice('convention', convention, WEIGHT_DECAY_CONVENTIONS)
+    if convention == 'fully_decoupled':
+        if reference_learning_rate is None:
+            raise ValueError(
+                "convention='fully_decoupled' scales the decay by lr_t / lr_ref "
+                'and needs reference_learning_rate=lr_ref (usually the peak '
+                'learning rate of your schedule). Pass it, or use '
+                "convention='paper'."
+            )
+        validation.check_positive('reference_learning_rate', reference_learning_rate)
+    elif reference_learning_rate is not None:
+        raise ValueError(
+            "reference_learning_rate is only used with convention='fully_decoupled'"
+            f'; got it with convention={convention!r}. Remove it, or choose '
+            "convention='fully_decoupled'."
+        )
+    if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
+        raise ValueError('mask is an empty tree; pass None to decay every leaf.')
+
+    def rate(count: jax.Array) -> Any:
+        value = weight_decay(count) if callable(weight_decay) else weight_decay
+        if convention == 'fully_decoupled':
+            value = value / reference_learning_rate
+        return value
+
+    def init_fn(params: optax.Params) -> AddDecoupledWeightDecayState:
+        del params
+        return AddDecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: AddDecoupledWeightDecayState,
+        params: optax.Params | None = None,
+    ) -> tuple[optax.Updates, AddDecoupledWeightDecayState]:
+        if params is None:
+            raise ValueError(
+                'add_decoupled_weight_decay needs the parameters: call '
+                'update(grads, state, params).'
+            )
+        validation.check_matching_trees(
+            'update', updates, params, 'parameters', who='add_decoupled_weight_decay'
+        )
+        decay = rate(state.count)
+
+        def add(u: jax.Array, p: jax.Array) -> jax.Array:
+            dtype = compute_dtype(u, p)
+            return (u.astype(dtype) + decay * p.astype(dtype)).astype(u.dtype)
+
+        new_state = AddDecoupledWeightDecayState(optax.safe_increment(state.count))
+        return jax.tree.map(add, updates, params), new_state
+
+    transformation = optax.GradientTransformation(init_fn, update_fn)
+    if mask is not None:
+        return optax.masked(transformation, mask)
+    return transformation
