@@ -8,8 +8,8 @@ eye against Algorithm 2 of Chen et al. (2023):
     m      = b2 * m + (1 - b2) * g
 
 Parameters are a dict of leaves, each leaf a list of floats. ``rounding``
-(optional) rounds stored values (momentum and parameters) after each step, to
-emulate a low-precision storage dtype.
+(optional) rounds every value the implementation stores or returns (momentum,
+update, parameters) to emulate a low-precision dtype.
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ def lion_reference(
     cautious_eps: float = 1e-3,
     skip_nonfinite: bool = True,
     rounding: Callable[[float], float] | None = None,
+    initial_momentum: Leaves | None = None,
+    first_step: int = 0,
 ) -> list[ReferenceStep]:
     """Runs Lion for ``len(grads)`` steps and returns the state after each.
 
@@ -116,16 +118,23 @@ def lion_reference(
         :func:`kappa_directions`).
       cautious, cautious_eps: Cautious Lion.
       skip_nonfinite: skip steps whose gradient has a NaN or Inf.
-      rounding: applied to stored momentum and parameters after each step.
+      rounding: applied to every stored or returned value (momentum, update,
+        parameters), to emulate a low-precision dtype.
+      initial_momentum: the momentum to start from (default zeros), to
+        continue from another implementation's state.
+      first_step: the step index of the first gradient, for schedules.
 
     Returns:
       A list of :class:`ReferenceStep`, one per step.
     """
     keep = rounding or (lambda x: x)
     theta = {k: [keep(v) for v in vs] for k, vs in params.items()}
-    m = {k: [0.0] * len(vs) for k, vs in params.items()}
+    if initial_momentum is None:
+        m = {k: [0.0] * len(vs) for k, vs in params.items()}
+    else:
+        m = {k: list(vs) for k, vs in initial_momentum.items()}
     history = []
-    step = 0  # counts applied steps: skipped ones do not advance schedules
+    step = first_step  # counts applied steps: skipped ones do not advance schedules
     for g in grads:
         if skip_nonfinite and not all(math.isfinite(v) for vs in g.values() for v in vs):
             history.append(
@@ -144,7 +153,10 @@ def lion_reference(
             u = _cautious(u, g, cautious_eps)
         for k in theta:
             leaf_wd = wd if (decay_mask is None or decay_mask[k]) else 0.0
-            theta[k] = [keep(t - lr * (uv + leaf_wd * t)) for t, uv in zip(theta[k], u[k])]
+            # Low-precision emulation rounds where a stored or returned value
+            # is rounded: the decayed direction, the scaled step, the param.
+            step_k = [keep(lr * keep(uv + leaf_wd * t)) for t, uv in zip(theta[k], u[k])]
+            theta[k] = [keep(t - s) for t, s in zip(theta[k], step_k)]
             m[k] = [keep(b2 * mv + (1 - b2) * gv) for mv, gv in zip(m[k], g[k])]
         history.append(
             ReferenceStep(

@@ -1,0 +1,65 @@
+"""Helpers shared by the tests: random trees, trajectories, and the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+
+SHAPES = {'w': (4, 3), 'b': (3,), 'scale': (5,)}
+
+
+def random_params(seed: int, dtype: Any = jnp.float32, shapes=SHAPES) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.normal(size=s), dtype=dtype) for k, s in shapes.items()}
+
+
+def random_grads(seed: int, steps: int, dtype: Any = jnp.float32, shapes=SHAPES):
+    """Gradients whose sign changes often, so the momentum really matters."""
+    rng = np.random.default_rng(seed)
+    return [
+        {k: jnp.asarray(rng.normal(size=s) + 0.3 * np.sin(t / 7.0), dtype=dtype)
+         for k, s in shapes.items()}
+        for t in range(steps)
+    ]
+
+
+def run_trajectory(
+    tx: optax.GradientTransformation,
+    params: Any,
+    grads: Sequence[Any],
+    *,
+    update_fn: Callable | None = None,
+) -> tuple[list[Any], Any]:
+    """Applies ``tx`` to ``grads`` in turn; returns the params after each step."""
+    state = tx.init(params)
+    step = update_fn or tx.update
+    history = []
+    for g in grads:
+        updates, state = step(g, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(params)
+    return history, state
+
+
+def to_leaves(tree: dict[str, jax.Array]) -> dict[str, list[float]]:
+    """A dict of arrays as the reference's ``{name: [floats]}``."""
+    return {k: [float(x) for x in np.asarray(v, dtype=np.float64).ravel()] for k, v in tree.items()}
+
+
+def from_leaves(leaves: dict[str, list[float]], like: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(leaves[k], dtype=np.float64).reshape(like[k].shape) for k in like}
+
+
+def rounding_for(dtype: Any) -> Callable[[float], float] | None:
+    """A Python float -> float rounding to ``dtype`` (None for float32/64)."""
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return lambda x: float(np.asarray(x, dtype=ml_dtypes.bfloat16))
+    if jnp.dtype(dtype) == jnp.float16:
+        return lambda x: float(np.asarray(x, dtype=np.float16))
+    return None

@@ -1,0 +1,167 @@
+"""Multi-step trajectories of lion/scale_by_lion against the pure-Python reference."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import parameterized
+
+import lion_optax
+from lion_optax._src.reference import lion_reference
+
+from _helpers import from_leaves, random_grads, random_params, rounding_for, run_trajectory, to_leaves
+
+STEPS = 120
+SCHEDULE = optax.schedules.warmup_cosine_decay_schedule(0.0, 1e-2, 10, STEPS, 1e-3)
+WD_SCHEDULE = optax.schedules.linear_schedule(0.2, 0.05, STEPS)
+DECAY_MASK = {'w': True, 'b': False, 'scale': False}
+
+CASES = [
+    dict(name='constant', learning_rate=1e-2, weight_decay=0.1),
+    dict(name='no_decay', learning_rate=3e-3, weight_decay=0.0, b1=0.95, b2=0.98),
+    dict(name='schedules', learning_rate=SCHEDULE, weight_decay=WD_SCHEDULE),
+    dict(name='masked', learning_rate=1e-2, weight_decay=0.5, mask=DECAY_MASK),
+    dict(name='fully_decoupled', learning_rate=SCHEDULE, weight_decay=0.01,
+         weight_decay_convention='fully_decoupled', reference_learning_rate=1e-2),
+]
+
+
+def _reference_kwargs(case):
+    kwargs = {k: v for k, v in case.items() if k != 'name'}
+    for key in ('learning_rate', 'weight_decay'):
+        if callable(kwargs[key]):
+            schedule = kwargs[key]
+            kwargs[key] = lambda t, s=schedule: float(s(t))
+    if 'mask' in kwargs:
+        kwargs['decay_mask'] = kwargs.pop('mask')
+    return kwargs
+
+
+class ReferenceParityTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters((c['name'], c) for c in CASES)
+    def test_float32_trajectory_equals_reference(self, case):
+        """Every parameter after every one of 120 steps, to float32 rounding."""
+        kwargs = {k: v for k, v in case.items() if k != 'name'}
+        tx = lion_optax.lion(**kwargs)
+        params, grads = random_params(0), random_grads(1, STEPS)
+        history, state = run_trajectory(tx, params, grads, update_fn=self.variant(tx.update))
+        reference = lion_reference(
+            to_leaves(params), [to_leaves(g) for g in grads], **_reference_kwargs(case)
+        )
+        for t in (0, 1, STEPS // 2, STEPS - 1):
+            chex.assert_trees_all_close(
+                history[t], from_leaves(reference[t].params, params), rtol=1e-5, atol=1e-6
+            )
+        momentum = optax.tree.get(state, 'mu')
+        chex.assert_trees_all_close(
+            momentum, from_leaves(reference[-1].momentum, params), rtol=1e-5, atol=1e-6
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters((c['name'], c) for c in CASES)
+    def test_bfloat16_steps_equal_reference(self, case):
+        """bf16 params, grads and momentum, checked step by step for 120 steps.
+
+        Each step starts the reference from the implementation's own bf16 state
+        and emulates bf16 storage. Both round each stored value once, the
+        implementation from float32 and the reference from float64, so near a
+        rounding midpoint they may pick neighbouring bf16 values: at most one
+        bf16 ulp apart, 2**-7 relative, for the momentum, and for the parameter
+        one ulp of |p| plus one ulp of the step (at most lr_max * 1.5).
+        A whole-trajectory comparison has no such bound: those one-ulp
+        differences accumulate. Where c = b1 m + (1 - b1) g is zero up to
+        rounding (bf16 values make exact ties common) the sign is ambiguous
+        and the two may differ by the whole step, 2 lr, but no more.
+        """
+        kwargs = {k: v for k, v in case.items() if k != 'name'}
+        tx = lion_optax.lion(**kwargs)
+        update = self.variant(tx.update)
+        params = random_params(0, jnp.bfloat16)
+        grads = random_grads(1, STEPS, jnp.bfloat16)
+        state = tx.init(params)
+        reference_kwargs = _reference_kwargs(case)
+        b1 = case.get('b1', 0.9)
+        for t, g in enumerate(grads):
+            momentum = optax.tree.get(state, 'mu')
+            ambiguous = {
+                k: np.abs(b1 * np.asarray(momentum[k], np.float64) + (1 - b1) * np.asarray(g[k], np.float64))
+                <= 1e-6 * (np.abs(momentum[k]).astype(np.float64) + np.abs(g[k]).astype(np.float64))
+                for k in g
+            }
+            expected = lion_reference(
+                to_leaves(params), [to_leaves(g)], rounding=rounding_for(jnp.bfloat16),
+                initial_momentum=to_leaves(optax.tree.get(state, 'mu')), first_step=t,
+                **reference_kwargs,
+            )[0]
+            updates, state = update(g, state, params)
+            params = optax.apply_updates(params, updates)
+            chex.assert_trees_all_equal_dtypes(params, random_params(0, jnp.bfloat16))
+            ulp = 2.0**-7
+            for name, value in params.items():
+                got = np.asarray(value, np.float64)
+                want = from_leaves(expected.params, params)[name]
+                bound = ulp * np.abs(want) + ulp * 1e-2 * 1.5 + 1e-12
+                bound = np.where(ambiguous[name], bound + 2 * 1e-2 * 1.51, bound)
+                np.testing.assert_array_less(np.abs(got - want), bound)
+            chex.assert_trees_all_close(
+                optax.tree.get(state, 'mu'), from_leaves(expected.momentum, params),
+                rtol=2.0**-7, atol=1e-6,
+            )
+
+
+class OptaxParityTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ('defaults', {}),
+        ('betas_decay', dict(b1=0.95, b2=0.98, weight_decay=0.3)),
+        ('schedule_mask', dict(weight_decay=0.1, mask=DECAY_MASK)),
+    )
+    def test_equals_optax_lion(self, kwargs):
+        """Same arguments, same numbers as optax.lion (bit for bit in float32).
+
+        Not for ``mu_dtype=bfloat16``: optax multiplies the bf16 momentum by the
+        Python-float b1 in bf16 (weak typing) before adding the float32 term;
+        we compute the whole step in float32 and round once.
+        """
+        lr = kwargs.pop('learning_rate', SCHEDULE)
+        ours, theirs = lion_optax.lion(lr, **kwargs), optax.lion(lr, **kwargs)
+        params, grads = random_params(2), random_grads(3, 50)
+        ours_history, _ = run_trajectory(ours, params, grads, update_fn=self.variant(ours.update))
+        theirs_history, _ = run_trajectory(theirs, params, grads, update_fn=self.variant(theirs.update))
+        chex.assert_trees_all_close(ours_history, theirs_history, rtol=0, atol=0)
+
+    def test_hand_chained_pieces_equal_the_alias(self):
+        lr, wd = SCHEDULE, 0.2
+        chained = optax.chain(
+            lion_optax.scale_by_lion(b1=0.9, b2=0.99),
+            lion_optax.add_decoupled_weight_decay(wd, mask=DECAY_MASK),
+            optax.scale_by_learning_rate(lr),
+        )
+        alias = lion_optax.lion(lr, weight_decay=wd, mask=DECAY_MASK, skip_nonfinite=False)
+        params, grads = random_params(4), random_grads(5, 30)
+        chex.assert_trees_all_equal(
+            run_trajectory(chained, params, grads)[0], run_trajectory(alias, params, grads)[0]
+        )
+
+    def test_differs_from_signum_when_betas_differ(self):
+        """The article's formula sign(m_t) (Signum) is not Lion when b1 != b2."""
+        params, grads = {'x': jnp.zeros(1)}, [{'x': jnp.array([1.0])}, {'x': jnp.array([-1.0])}]
+        history, _ = run_trajectory(lion_optax.lion(1.0, weight_decay=0.0), params, grads)
+        # Lion: c2 = 0.9 * 0.01 + 0.1 * (-1) < 0 -> step +1; Signum would use
+        # m2 = 0.99 * 0.01 - 0.01 < 0 too, so use the first step's c = 0.1 g.
+        self.assertEqual(float(history[0]['x'][0]), -1.0)
+        self.assertEqual(float(history[1]['x'][0]), 0.0)
+
+
+def test_jit_and_no_jit_trace_once():
+    tx = lion_optax.lion(SCHEDULE, weight_decay=0.1)
+    update = jax.jit(chex.assert_max_traces(tx.update, n=1))
+    params = random_params(0)
+    state = tx.init(params)
+    for g in random_grads(1, 3):
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
