@@ -10,7 +10,14 @@ from absl.testing import parameterized
 import lion_optax
 from lion_optax._src.reference import lion_reference
 
-from _helpers import from_leaves, random_grads, random_params, rounding_for, run_trajectory, to_leaves
+from _helpers import (
+    from_leaves,
+    random_grads,
+    random_params,
+    rounding_for,
+    run_trajectory,
+    to_leaves,
+)
 
 STEPS = 120
 SCHEDULE = optax.schedules.warmup_cosine_decay_schedule(0.0, 1e-2, 10, STEPS, 1e-3)
