@@ -28,6 +28,19 @@ from lion_optax._src.weight_decay import (
 # constraints and monitors
 
 # distribution
+# isort: split
+from lion_optax._src.distributed import SignLayout as SignLayout
+from lion_optax._src.distributed import aggregate_signs as aggregate_signs
+from lion_optax._src.distributed import distributed_init as distributed_init
+from lion_optax._src.distributed import distributed_lion as distributed_lion
+from lion_optax._src.distributed import sign_layout as sign_layout
+from lion_optax._src.distributed import worker_state_specs as worker_state_specs
+from lion_optax._src.sharding import Collective as Collective
+from lion_optax._src.sharding import bytes_sent_per_device as bytes_sent_per_device
+from lion_optax._src.sharding import hlo_collectives as hlo_collectives
+from lion_optax._src.sharding import shard_optimizer_state as shard_optimizer_state
+from lion_optax._src.sharding import tree_bytes as tree_bytes
+from lion_optax._src.sharding import zeros_like_sharded as zeros_like_sharded
 
 # checkpoint
 

@@ -1,13 +1,424 @@
-"""Sharding helpers: optimizer state that lives where the parameters live."""
+"""Sharding: optimizer state that lives where the parameters live.
+
+Lion's state is one momentum per parameter, and its step is element-wise, so a
+sharded model needs no communication in the optimizer at all: the momentum
+only has to be created with the parameter's sharding. This module holds the
+helper ``scale_by_lion`` uses for that (:func:`zeros_like_sharded`, which also
+works under ``jit``, where ``jnp.zeros_like`` loses the sharding), a ZeRO-style
+wrapper that shards the state of replicated parameters along the data axis
+(:func:`shard_optimizer_state`), and a reader of compiled HLO that lists the
+collectives a step runs and the bytes each device sends
+(:func:`hlo_collectives`, :func:`bytes_sent_per_device`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lion_optax._src import validation
+
+# ---------------------------------------------------------------------------
+# Zeros with the parameter's sharding.
 
 
-def zeros_like_sharded(x: jax.Array, dtype: Any = None) -> jax.Array:
-    """Zeros with ``x``'s shape, ``dtype`` (default ``x``'s) and sharding."""
-    return jnp.zeros_like(x, dtype=dtype)
+def _mesh_axis_types(x: Any) -> tuple[Any, ...]:
+    """The axis types of the mesh ``x``'s abstract value lives on (() if none)."""
+    sharding = getattr(jax.typeof(x), 'sharding', None)
+    mesh = getattr(sharding, 'mesh', None)
+    if mesh is None or mesh.empty:
+        return ()
+    return tuple(mesh.axis_types)
+
+
+def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
+    """Zeros with ``x``'s shape and sharding, in ``dtype`` (default ``x``'s).
+
+    ``jnp.zeros_like`` under ``jit`` makes a constant that does not depend on
+    ``x``, so on a mesh with ``Auto`` axes XLA gives it no sharding and the
+    momentum of a sharded parameter ends up whole on one device (this is what
+    ``optax.scale_by_lion``'s ``init`` does under ``jit``). This helper keeps
+    the sharding in every context:
+
+    - a concrete ``jax.Array`` (eager ``init``): the zeros are created directly
+      with ``x.sharding``;
+    - under ``jit`` on a mesh with ``Auto`` axes: the zeros are tied to ``x`` by
+      ``jax.experimental.shard_alike``, so sharding propagation gives them
+      ``x``'s sharding, whatever it turns out to be;
+    - under ``jit`` on an ``Explicit`` mesh (with or without ``jax.set_mesh``):
+      the sharding is part of ``x``'s type and the zeros take it; an
+      optimisation barrier keeps ``x`` an input of the computation so that
+      ``jit`` knows its devices;
+    - inside ``shard_map`` (``Manual`` axes), under ``vmap``, on one device, or
+      for NumPy inputs: plain zeros, which is already right there.
+
+    It reads nothing of ``x``'s values (NaN or Inf parameters still give
+    exact zeros) and costs nothing in the compiled program.
+
+    Args:
+      x: an array (or anything with ``shape`` and ``dtype``).
+      dtype: the zeros' dtype; None keeps ``x``'s.
+
+    Returns:
+      An array of zeros of ``x``'s shape, in ``dtype``, sharded like ``x``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lion_optax import zeros_like_sharded
+      >>> x = jnp.ones((2, 3))
+      >>> z = jax.jit(lambda p: zeros_like_sharded(p, jnp.bfloat16))(x)
+      >>> z.dtype, z.shape, z.sharding == x.sharding
+      (dtype(bfloat16), (2, 3), True)
+    """
+    dtype = jnp.result_type(x) if dtype is None else dtype
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return jnp.zeros(x.shape, dtype, device=x.sharding)
+    if not isinstance(x, jax.Array):  # NumPy arrays, Python scalars
+        return jnp.zeros(jnp.shape(x), dtype)
+    axis_types = _mesh_axis_types(x)
+    zeros = jnp.zeros_like(x, dtype=dtype)  # takes explicit axes from x's type
+    if not axis_types or AxisType.Manual in axis_types:
+        return zeros
+    if AxisType.Explicit in axis_types:
+        zeros = jax.lax.optimization_barrier((x, zeros))[1]
+    if AxisType.Auto in axis_types:
+        zeros = shard_alike(x, zeros)[1]
+    return zeros
+
+
+# ---------------------------------------------------------------------------
+# ZeRO-style state sharding for replicated parameters.
+
+
+def _concrete_mesh(mesh: Any) -> jax.sharding.Mesh:
+    if mesh is not None:
+        return mesh
+    current = jax.sharding.get_mesh()
+    if current is None or current.empty:
+        raise ValueError(
+            'shard_optimizer_state needs a mesh: pass mesh=... or call it inside '
+            '`with jax.set_mesh(mesh):`. No mesh was given and none is set.'
+        )
+    return current
+
+
+def _zero_spec(shape: Sequence[int], axis_name: str, axis_size: int) -> P | None:
+    """``axis_name`` on the first dimension it divides; other dims left to XLA."""
+    for dim, size in enumerate(shape):
+        if size % axis_size == 0 and size >= axis_size:
+            rest = [P.UNCONSTRAINED] * (len(shape) - dim - 1)
+            return P(*([P.UNCONSTRAINED] * dim), axis_name, *rest)
+    return None
+
+
+def shard_optimizer_state(
+    inner: optax.GradientTransformation,
+    axis_name: str = 'data',
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""ZeRO-style: shards the optimizer state of replicated parameters along a mesh axis.
+
+    With plain data parallelism every device holds the whole parameters and,
+    by default, the whole optimizer state. Wrapping the optimizer in this
+    transformation keeps each state array (Lion's momentum) split along
+    ``axis_name``: the first dimension of each array that the axis size
+    divides is sharded, the others are left for XLA to choose (so a
+    ``model``-axis sharding of the parameter is kept). Arrays with no such
+    dimension, and scalars, stay replicated. Per device, the state takes
+    about ``1 / axis_size`` of its replicated size.
+
+    Each device then computes the step for its slice of the momentum and the
+    update is gathered back to the parameters' sharding: one all-gather of
+    the update (in the parameters' dtype) per step, which ``jit`` inserts.
+    Parameters, gradients and updates keep their own shardings.
+
+    .. math::
+
+      \text{state bytes per device} \approx
+        \frac{\text{replicated state bytes}}{|\text{axis}|}, \qquad
+      \text{traffic per step} \approx \frac{|\text{axis}| - 1}{|\text{axis}|}
+        \,\text{bytes}(\text{update}).
+
+    For meshes whose axes are ``Auto`` (``jax.sharding.Mesh(...)`` or
+    ``jax.make_mesh(..., axis_types=(AxisType.Auto, ...))``); on an
+    ``Explicit`` mesh the momentum and the gradient would carry different
+    shardings in their types, which ``jit`` refuses, so this raises there.
+
+    Args:
+      inner: the optimizer, e.g. ``lion_optax.lion(1e-4)``.
+      axis_name: the mesh axis to shard the state along (the data axis).
+      mesh: the mesh; defaults to the one set with ``jax.set_mesh``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state
+      (same structure, sharded).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import AxisType
+      >>> import lion_optax
+      >>> mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,))
+      >>> tx = lion_optax.shard_optimizer_state(lion_optax.lion(1e-3), 'data', mesh=mesh)
+      >>> params = {'w': jnp.zeros((4, 2))}
+      >>> state = jax.jit(tx.init)(params)
+      >>> updates, state = jax.jit(tx.update)(params, state, params)
+      >>> lion_optax.tree_bytes(state.inner_state[0].mu)  # 1 device: nothing to split
+      32
+
+    References:
+      Rajbhandari et al., `ZeRO: Memory Optimizations Toward Training Trillion
+      Parameter Models <https://arxiv.org/abs/1910.02054>`_, 2020.
+    """
+    if not isinstance(axis_name, str):
+        raise TypeError(f'axis_name must be the name of one mesh axis (a str), got {axis_name!r}.')
+    inner = optax.with_extra_args_support(inner)
+
+    def constrain(tree: Any) -> Any:
+        resolved = _concrete_mesh(mesh)
+        if axis_name not in resolved.axis_names:
+            raise ValueError(
+                f'axis_name={axis_name!r} is not an axis of the mesh, whose axes are '
+                f'{resolved.axis_names}. Pass one of those.'
+            )
+        axis_type = dict(zip(resolved.axis_names, resolved.axis_types))[axis_name]
+        if axis_type != AxisType.Auto:
+            raise ValueError(
+                f'shard_optimizer_state needs the mesh axis {axis_name!r} to be of '
+                f'type AxisType.Auto, but it is {axis_type}. '
+                'Build the mesh with axis_types=(AxisType.Auto, ...), or on an '
+                'Explicit mesh shard the parameters themselves (FSDP) instead.'
+            )
+        size = resolved.shape[axis_name]
+
+        def one(leaf: Any) -> Any:
+            spec = _zero_spec(jnp.shape(leaf), axis_name, size) if jnp.ndim(leaf) else None
+            if spec is None:
+                return leaf
+            if not isinstance(leaf, jax.core.Tracer):
+                # Eagerly, UNCONSTRAINED means "keep what you have": replicated here.
+                spec = P(*(None if s is P.UNCONSTRAINED else s for s in spec))
+            return jax.lax.with_sharding_constraint(leaf, NamedSharding(resolved, spec))
+
+        return jax.tree.map(one, tree)
+
+    def init_fn(params: optax.Params) -> Any:
+        return constrain(inner.init(params))
+
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, Any]:
+        grads = updates
+        updates, state = inner.update(updates, state, params, **extra)
+        like = params if params is not None else grads
+
+        def gather(reference: Any, update: Any) -> Any:
+            if isinstance(update, jax.core.Tracer) and AxisType.Auto in _mesh_axis_types(update):
+                return shard_alike(reference, update)[1]
+            return update
+
+        return jax.tree.map(gather, like, updates), constrain(state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Reading collectives and their traffic from compiled HLO.
+
+_DTYPE_BITS = {
+    'pred': 8,
+    's2': 2,
+    'u2': 2,
+    's4': 4,
+    'u4': 4,
+    's8': 8,
+    'u8': 8,
+    's16': 16,
+    'u16': 16,
+    's32': 32,
+    'u32': 32,
+    's64': 64,
+    'u64': 64,
+    'f16': 16,
+    'bf16': 16,
+    'f32': 32,
+    'f64': 64,
+    'c64': 64,
+    'c128': 128,
+}
+_KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+_OP = re.compile(
+    r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+'
+    r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)'
+    r'(?P<start>-start)?\('
+)
+_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+
+
+class Collective(NamedTuple):
+    """One collective of a compiled program, as :func:`hlo_collectives` reads it.
+
+    Attributes:
+      kind: ``'all-reduce'``, ``'all-gather'``, ``'reduce-scatter'``,
+        ``'all-to-all'`` or ``'collective-permute'``.
+      buffer_bytes: the bytes of the whole buffer the collective works on, per
+        device: the operand of an all-reduce or all-to-all, the (gathered)
+        result of an all-gather, the (unscattered) input of a reduce-scatter.
+      group_size: the number of devices that take part together.
+      bytes_sent: the bytes one device sends, by the bandwidth-optimal
+        (ring or direct) algorithm: ``2 (n-1)/n`` of the buffer for an
+        all-reduce, ``(n-1)/n`` for the other three, the whole buffer for a
+        collective-permute.
+      hlo: the HLO instruction, for reading.
+    """
+
+    kind: str
+    buffer_bytes: float
+    group_size: int
+    bytes_sent: float
+    hlo: str
+
+
+def _dtype_bits(name: str) -> int:
+    if name in _DTYPE_BITS:
+        return _DTYPE_BITS[name]
+    match = re.match(r'[a-z]+?(\d+)', name)  # f8e4m3fn and other narrow floats
+    if match is None:
+        raise ValueError(f'Unknown HLO element type {name!r}.')
+    return int(match.group(1))
+
+
+def _arrays_bytes(shape_text: str) -> list[float]:
+    sizes = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        if dtype not in _DTYPE_BITS and not re.match(r'[fsu]\d', dtype):
+            continue  # e.g. the 'token' type or layout annotations
+        count = math.prod(int(d) for d in dims.split(',') if d) if dims else 1
+        sizes.append(count * _dtype_bits(dtype) / 8)
+    return sizes
+
+
+def _group_size(line: str, total_devices: int) -> int:
+    iota = re.search(r'replica_groups=\[([\d,]+)\]<=', line)
+    if iota:
+        return int(iota.group(1).split(',')[-1])
+    listed = re.search(r'replica_groups=\{\{([\d,\s]*)\}', line)
+    if listed:
+        return len([d for d in listed.group(1).split(',') if d.strip()])
+    return total_devices
+
+
+def hlo_collectives(hlo: Any) -> list[Collective]:
+    """Lists the collectives of a compiled program and the bytes each device sends.
+
+    Args:
+      hlo: a compiled program (``jax.jit(f).lower(...).compile()``), a lowered
+        one (it is compiled), or the compiled HLO text.
+
+    Returns:
+      One :class:`Collective` per collective instruction of the optimised
+      program, in program order (asynchronous pairs are counted once, at their
+      ``-start``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lion_optax import hlo_collectives
+      >>> hlo_collectives(jax.jit(jnp.sin).lower(jnp.ones(3)).compile())
+      []
+    """
+    if hasattr(hlo, 'compile') and not hasattr(hlo, 'as_text'):
+        hlo = hlo.compile()
+    text = hlo if isinstance(hlo, str) else hlo.as_text()
+    partitions = re.search(r'num_partitions=(\d+)', text)
+    replicas = re.search(r'replica_count=(\d+)', text)
+    total = (int(partitions.group(1)) if partitions else 1) * (
+        int(replicas.group(1)) if replicas else 1
+    )
+    found = []
+    for line in text.splitlines():
+        match = _OP.match(line)
+        if match is None:
+            continue
+        kind = match.group('op')
+        sizes = _arrays_bytes(match.group('shape'))
+        if match.group('start') and kind == 'all-gather':
+            sizes = sizes[len(sizes) // 2 :]  # (operands, results): keep the results
+        elif match.group('start') and kind == 'collective-permute':
+            sizes = sizes[:1]
+        n = _group_size(line, total)
+        buffer = float(sum(sizes))
+        if kind == 'reduce-scatter':
+            buffer *= n  # the shape printed is the scattered result
+        if n <= 1:
+            sent = 0.0
+        elif kind == 'all-reduce':
+            sent = 2.0 * (n - 1) / n * buffer
+        elif kind == 'collective-permute':
+            sent = buffer
+        else:
+            sent = (n - 1) / n * buffer
+        found.append(Collective(kind, buffer, n, sent, line.strip()))
+    return found
+
+
+def bytes_sent_per_device(hlo: Any) -> float:
+    """Total bytes one device sends in the collectives of a compiled program.
+
+    The sum of :attr:`Collective.bytes_sent` over :func:`hlo_collectives`;
+    see there for the cost model.
+
+    Args:
+      hlo: a compiled or lowered program, or its compiled HLO text.
+
+    Returns:
+      Bytes per device per call, as a float.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from lion_optax import bytes_sent_per_device
+      >>> bytes_sent_per_device(jax.jit(jnp.cos).lower(jnp.ones(3)).compile())
+      0.0
+    """
+    return float(sum(c.bytes_sent for c in hlo_collectives(hlo)))
+
+
+def tree_bytes(tree: Any, *, per_device: bool = True) -> int:
+    """Bytes a pytree of arrays takes on one device (or in all, when not ``per_device``).
+
+    Args:
+      tree: a pytree of ``jax.Array`` (or NumPy arrays).
+      per_device: count only the largest per-device footprint (the shards on
+        one device); False counts the global (logical) size.
+
+    Returns:
+      The number of bytes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from lion_optax import tree_bytes
+      >>> tree_bytes({'a': jnp.zeros(4), 'b': jnp.zeros((2, 2), jnp.bfloat16)})
+      24
+    """
+    validation.check_choice('per_device', per_device, (True, False))
+    leaves = jax.tree.leaves(tree)
+    if not per_device:
+        return int(sum(jnp.size(x) * jnp.result_type(x).itemsize for x in leaves))
+    everywhere = 0  # arrays without shards (NumPy) count on every device
+    by_device: dict[Any, int] = {}
+    for leaf in leaves:
+        shards = getattr(leaf, 'addressable_shards', None)
+        if not shards:
+            everywhere += jnp.size(leaf) * jnp.result_type(leaf).itemsize
+            continue
+        for shard in shards:
+            by_device[shard.device] = by_device.get(shard.device, 0) + shard.data.nbytes
+    return int(everywhere + max(by_device.values(), default=0))
