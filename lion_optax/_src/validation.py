@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _concrete_float(value: Any) -> float | None:
+def concrete_float(value: Any) -> float | None:
     """Returns ``value`` as a Python float when it is a concrete scalar, else None.
 
     Traced values (under ``jit``) and arrays that are not scalars return None:
@@ -35,7 +35,7 @@ def _concrete_float(value: Any) -> float | None:
 
 def check_probability(name: str, value: Any, *, hint: str = '') -> None:
     """Refuses a concrete ``value`` outside ``[0, 1]`` or NaN (e.g. ``b1``, ``b2``)."""
-    number = _concrete_float(value)
+    number = concrete_float(value)
     if number is None:
         return
     if math.isnan(number) or not 0.0 <= number <= 1.0:
@@ -53,7 +53,7 @@ def check_nonnegative(name: str, value: Any, *, hint: str = '') -> None:
     """
     if callable(value):
         return
-    number = _concrete_float(value)
+    number = concrete_float(value)
     if number is None:
         if not isinstance(value, jax.core.Tracer) and np.ndim(value) != 0:
             raise ValueError(
@@ -72,7 +72,7 @@ def check_nonnegative(name: str, value: Any, *, hint: str = '') -> None:
 def check_positive(name: str, value: Any, *, hint: str = '') -> None:
     """Refuses a concrete ``value`` that is not a finite number > 0."""
     check_nonnegative(name, value, hint=hint)
-    number = _concrete_float(value)
+    number = concrete_float(value)
     if number is not None and number == 0.0:
         raise ValueError(
             f'{name}={value!r} is invalid: expected a finite number > 0.'
@@ -176,3 +176,6 @@ def check_matching_trees(
                 "would silently change the parameters' shape); pass a gradient "
                 'of the same shape as the parameter.'
             )
+
+
+_concrete_float = concrete_float  # the earlier private name, still used by some modules

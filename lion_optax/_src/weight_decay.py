@@ -16,10 +16,12 @@ WEIGHT_DECAY_CONVENTIONS = ('paper', 'fully_decoupled')
 
 
 class AddDecoupledWeightDecayState(NamedTuple):
-    """State of :func:`add_decoupled_weight_decay`.
+    """State of :func:`add_decoupled_weight_decay` with a weight-decay schedule.
+
+    A constant weight decay keeps ``optax.EmptyState`` instead, like optax.
 
     Attributes:
-      count: number of updates so far, the argument of a weight-decay schedule.
+      count: number of updates so far, the argument of the schedule.
     """
 
     count: jax.Array
@@ -66,7 +68,8 @@ def add_decoupled_weight_decay(
         norm scales) get no decay.
 
     Returns:
-      An ``optax.GradientTransformation``; ``update`` needs ``params``.
+      An ``optax.GradientTransformation``; ``update`` needs ``params`` unless
+      ``weight_decay`` is the constant 0 (then it passes updates through).
 
     Example:
       >>> import jax.numpy as jnp
@@ -97,21 +100,28 @@ def add_decoupled_weight_decay(
     if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
         raise ValueError('mask is an empty tree; pass None to decay every leaf.')
 
-    def rate(count: jax.Array) -> Any:
-        value = weight_decay(count) if callable(weight_decay) else weight_decay
+    def rate(count: jax.Array | None) -> Any:
+        value = weight_decay(count) if count is not None else weight_decay
         if convention == 'fully_decoupled':
             value = value / reference_learning_rate
         return value
 
-    def init_fn(params: optax.Params) -> AddDecoupledWeightDecayState:
+    scheduled = callable(weight_decay)
+    no_decay = not scheduled and validation.concrete_float(weight_decay) == 0.0
+
+    def init_fn(params: optax.Params) -> AddDecoupledWeightDecayState | optax.EmptyState:
         del params
-        return AddDecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
+        if scheduled:
+            return AddDecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
 
     def update_fn(
         updates: optax.Updates,
-        state: AddDecoupledWeightDecayState,
+        state: AddDecoupledWeightDecayState | optax.EmptyState,
         params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, AddDecoupledWeightDecayState]:
+    ) -> tuple[optax.Updates, AddDecoupledWeightDecayState | optax.EmptyState]:
+        if no_decay:  # nothing to add: do not read the parameters at all
+            return updates, state
         if params is None:
             raise ValueError(
                 'add_decoupled_weight_decay needs the parameters: call '
@@ -120,14 +130,15 @@ def add_decoupled_weight_decay(
         validation.check_matching_trees(
             'update', updates, params, 'parameters', who='add_decoupled_weight_decay'
         )
-        decay = rate(state.count)
+        decay = rate(state.count if scheduled else None)
 
         def add(u: jax.Array, p: jax.Array) -> jax.Array:
             dtype = compute_dtype(u, p)
             return (u.astype(dtype) + decay * p.astype(dtype)).astype(u.dtype)
 
-        new_state = AddDecoupledWeightDecayState(optax.safe_increment(state.count))
-        return jax.tree.map(add, updates, params), new_state
+        if scheduled:
+            state = AddDecoupledWeightDecayState(optax.safe_increment(state.count))
+        return jax.tree.map(add, updates, params), state
 
     transformation = optax.GradientTransformation(init_fn, update_fn)
     if mask is not None:
