@@ -82,6 +82,10 @@ def check_positive(name: str, value: Any, *, hint: str = '') -> None:
 
 def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> Any:
     """Returns ``dtype`` canonicalised, refusing anything that is not a float type."""
+    if isinstance(dtype, (jax.Array, np.ndarray)) and dtype.shape == ():
+        # optax.inject_hyperparams calls every callable hyperparameter with the
+        # step count, which turns jnp.bfloat16 into a bf16 scalar: take its dtype.
+        dtype = dtype.dtype
     if dtype is None:
         if allow_none:
             return None
