@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
@@ -308,6 +309,14 @@ def _arrays_bytes(shape_text: str) -> list[float]:
 
 
 def _group_size(line: str, total_devices: int) -> int:
+    # replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: the named axes' sizes.
+    named = re.search(r'replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}', line)
+    if named:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", named.group(1)))
+        axes = re.findall(r"'([^']+)'", named.group(2))
+        if not axes:
+            return total_devices
+        return math.prod(int(sizes[a]) for a in axes)
     iota = re.search(r'replica_groups=\[([\d,]+)\]<=', line)
     if iota:
         return int(iota.group(1).split(',')[-1])
@@ -391,6 +400,10 @@ def bytes_sent_per_device(hlo: Any) -> float:
     return float(sum(c.bytes_sent for c in hlo_collectives(hlo)))
 
 
+def _nbytes(x: Any) -> int:
+    return int(x.nbytes) if hasattr(x, 'nbytes') else int(np.asarray(x).nbytes)
+
+
 def tree_bytes(tree: Any, *, per_device: bool = True) -> int:
     """Bytes a pytree of arrays takes on one device (or in all, when not ``per_device``).
 
@@ -411,13 +424,13 @@ def tree_bytes(tree: Any, *, per_device: bool = True) -> int:
     validation.check_choice('per_device', per_device, (True, False))
     leaves = jax.tree.leaves(tree)
     if not per_device:
-        return int(sum(jnp.size(x) * jnp.result_type(x).itemsize for x in leaves))
+        return int(sum(_nbytes(x) for x in leaves))
     everywhere = 0  # arrays without shards (NumPy) count on every device
     by_device: dict[Any, int] = {}
     for leaf in leaves:
         shards = getattr(leaf, 'addressable_shards', None)
         if not shards:
-            everywhere += jnp.size(leaf) * jnp.result_type(leaf).itemsize
+            everywhere += _nbytes(leaf)
             continue
         for shard in shards:
             by_device[shard.device] = by_device.get(shard.device, 0) + shard.data.nbytes
