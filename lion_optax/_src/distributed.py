@@ -18,7 +18,9 @@ How the signs travel (per device, for ``P`` parameters and ``N`` workers):
 
 1. Each sign is a ternary digit (``sign(0) = 0`` is kept exact); 20 of them
    are packed into one ``uint32`` (``3**20 < 2**32``): 1.6 bits per
-   parameter.
+   parameter. A 1-bit code would send 37% less but would have to move
+   every coordinate whose direction is exactly 0 (an embedding row that
+   never gets a gradient, a masked parameter), which plain Lion leaves still.
 2. An ``all_to_all`` sends worker ``j`` the packed signs of the ``j``-th
    ``1/N`` slice of the parameters, from every worker: ``(N-1)/N * 0.2 P``
    bytes sent per device.
@@ -28,12 +30,14 @@ How the signs travel (per device, for ``P`` parameters and ``N`` workers):
    4.6 bits for ``N = 8``, 10.7 bits for ``N = 256``).
 4. An ``all_gather`` of the packed results: ``(N-1)/N`` of their size.
 
-Per-device traffic is therefore flat in ``N`` for the vote (``0.4 P`` bytes
-against ``8 (N-1)/N P`` for a float32 ring all-reduce: 1/17.5 at ``N = 8``,
-1/20 asymptotically) and grows only like ``log N`` for the average (the
-result itself needs ``log2(2N+1)`` bits). Gathering every worker's packed
-signs instead (``all_gather`` of 1-bit signs) costs ``(N-1)/8 P`` bytes per
-device: less than the all-reduce at ``N = 8`` but 4x more at ``N = 256``.
+Per-device traffic is therefore flat in ``N`` for the vote: ``(N-1)/N * 0.4 P``
+bytes against ``(N-1)/N * 8 P`` for a float32 ring all-reduce, 1/20 at any
+``N``. The average grows only like ``log N``, since the result itself needs
+``log2(2N+1)`` bits: 1/10.4 of the all-reduce at ``N = 8``, 1/5.2 at
+``N = 256``. Gathering every worker's 1-bit signs instead (an ``all_gather``)
+costs ``(N-1) P / 8`` bytes per device: 1/8 of the all-reduce at ``N = 8``
+but 4x more than it at ``N = 256``. :func:`sign_layout` gives the exact
+numbers (padding included) for any model and ``N``.
 """
 
 from __future__ import annotations
