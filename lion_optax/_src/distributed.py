@@ -308,25 +308,14 @@ def _skip_nonfinite_on_any_worker(
     A worker-local decision would let the other workers step, so the replicas
     of the parameters would drift apart (and the step counts would differ).
     """
-    inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params: optax.Params) -> nonfinite.SkipNonfiniteState:
-        return nonfinite.SkipNonfiniteState(inner.init(params), jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None, **extra):
-        local = nonfinite.all_finite(updates).astype(jnp.int32)
+    def agree(finite: jax.Array) -> jax.Array:
+        local = finite.astype(jnp.int32)
         if _manual(axis_name) and not _varying(local, axis_name):
             local = jax.lax.pcast(local, axis_name, to='varying')
-        finite = jax.lax.pmin(local, axis_name) > 0
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
-        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-        new_inner = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
-        )
-        skipped = jnp.where(finite, state.skipped_steps, optax.safe_increment(state.skipped_steps))
-        return new_updates, nonfinite.SkipNonfiniteState(new_inner, skipped)
+        return jax.lax.pmin(local, axis_name) > 0
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return nonfinite.skip_nonfinite(inner, combine_across_workers=agree)
 
 
 def _check_local_gradients(axis_name: str) -> optax.GradientTransformation:

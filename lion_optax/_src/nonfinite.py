@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -31,6 +32,8 @@ def all_finite(tree: Any) -> jax.Array:
 
 def skip_nonfinite(
     inner: optax.GradientTransformation,
+    *,
+    combine_across_workers: Callable[[jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips every step whose gradient holds a NaN or an Inf, anywhere.
 
@@ -51,6 +54,10 @@ def skip_nonfinite(
 
     Args:
       inner: the transformation to protect.
+      combine_across_workers: for data-parallel code where each worker sees
+        its own gradient (inside ``shard_map``): maps this worker's bool
+        "all finite" scalar to the decision every worker shares (e.g. a
+        ``pmin`` over the data axis), so that no replica steps alone.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -80,6 +87,8 @@ def skip_nonfinite(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SkipNonfiniteState]:
         finite = all_finite(updates)
+        if combine_across_workers is not None:
+            finite = combine_across_workers(finite)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
         new_inner = jax.tree.map(
