@@ -26,6 +26,14 @@ from lion_optax._src.weight_decay import (
 # precision
 
 # constraints and monitors
+# isort: split
+from lion_optax._src.constraints import ConstraintDiagnostics as ConstraintDiagnostics
+from lion_optax._src.constraints import constraint_diagnostics as constraint_diagnostics
+from lion_optax._src.kappa import resolve_kappa as resolve_kappa
+from lion_optax._src.monitors import SignMonitorState as SignMonitorState
+from lion_optax._src.monitors import monitor_signs as monitor_signs
+from lion_optax._src.monitors import sign_agreement as sign_agreement
+from lion_optax._src.monitors import sign_flip_fraction as sign_flip_fraction
 
 # distribution
 # isort: split
@@ -48,18 +56,25 @@ __version__ = '0.1.0'
 
 __all__ = [
     'AddDecoupledWeightDecayState',
+    'ConstraintDiagnostics',
     'Kappa',
     'LionHyperparameters',
     'ScaleByLionState',
+    'SignMonitorState',
     'SkipNonfiniteState',
     'add_decoupled_weight_decay',
     'adamw_to_lion',
     'clip_kappa',
+    'constraint_diagnostics',
     'custom_kappa',
     'l2_kappa',
     'lion',
     'lp_kappa',
+    'monitor_signs',
+    'resolve_kappa',
     'scale_by_lion',
+    'sign_agreement',
+    'sign_flip_fraction',
     'sign_kappa',
     'skip_nonfinite',
     'tanh_kappa',

@@ -1,11 +1,36 @@
-"""The function that replaces ``sign`` in Lion: the Lion-kappa family.
+r"""The function that replaces ``sign`` in Lion: the Lion-:math:`\mathcal{K}` family.
 
 Lion's direction is ``sign(c)`` with ``c = b1 * m + (1 - b1) * g``. Chen, Liu,
-Liang and Liu (2023) show that ``sign`` is the subgradient of the convex
-function ``K(x) = ||x||_1`` and that any subgradient ``grad K`` gives a Lion-K
-whose iterates, with decoupled weight decay ``lambda``, minimise
-``f(x) + K*(x)`` (``K*`` the convex conjugate, scaled by ``lambda``). A
-:class:`Kappa` bundles ``grad K`` with that documentation.
+Liang and Liu (2023) show that ``sign`` is the gradient of the convex function
+``K(x) = ||x||_1`` and that any (sub)gradient ``grad K`` of a convex ``K`` gives
+a Lion-K. With decoupled weight decay :math:`\lambda` (the step
+:math:`x \leftarrow x - \eta(\nabla K(c) + \lambda x)`), its fixed points, and
+the limits of its continuous-time dynamics, solve
+
+.. math::
+
+    \min_x\ f(x) + \frac{1}{\lambda} K^*(\lambda x), \qquad
+    K^*(y) = \sup_z\ \langle y, z\rangle - K(z),
+
+with :math:`K^*` the convex conjugate. When :math:`K^*` is the indicator of a
+unit ball (every norm :math:`K`), that is :math:`\min f` over the ball of
+radius :math:`1/\lambda` in the dual norm. (Fixed point: :math:`\nabla
+K(\nabla f(x)) = -\lambda x \iff -\nabla f(x) \in \partial K^*(\lambda x)` for
+an even :math:`K`, the optimality condition of the problem above.)
+
+A :class:`Kappa` bundles ``grad K`` with its documentation (``K``, ``K*`` and
+the solved problem, as text) and with the feasible set in machine-readable
+form (``dual_norm``, ``scope``), which :func:`constraint_diagnostics` reads.
+
+=================  ===============================  =======================================
+kappa              :math:`K(x)`                     problem solved with decay :math:`\lambda`
+=================  ===============================  =======================================
+``sign``           :math:`\|x\|_1`                  :math:`\min f` s.t. :math:`\|x\|_\infty \le 1/\lambda`
+``clip``           :math:`\sum_i \mathrm{huber}(x_i)`  :math:`\min f + \tfrac{\lambda}{2}\|x\|_2^2` s.t. :math:`\|x\|_\infty \le 1/\lambda`
+``tanh(beta)``     :math:`\sum_i \log\cosh(\beta x_i)/\beta`  :math:`\min f +` entropy barrier, :math:`\|x\|_\infty < 1/\lambda`
+``lp(p)``          :math:`\|x\|_p`                  :math:`\min f` s.t. :math:`\|x\|_q \le 1/\lambda`, :math:`q = p/(p-1)`
+``l2``             :math:`\|x\|_2`                  :math:`\min f` s.t. :math:`\|x\|_2 \le 1/\lambda`
+=================  ===============================  =======================================
 
 A kappa maps the whole tree of interpolated momenta ``c`` (in float32 or wider)
 to a tree of directions of the same structure and shapes, so global variants
@@ -14,6 +39,8 @@ to a tree of directions of the same structure and shapes, so global variants
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,12 +51,14 @@ from lion_optax._src import validation
 
 PyTree = Any
 
+SCOPES = ('leaf', 'global')
+
 
 class Kappa(NamedTuple):
-    """A subgradient ``grad K`` that replaces ``sign`` in Lion.
+    r"""A subgradient ``grad K`` that replaces ``sign`` in Lion, with its theory.
 
     Attributes:
-        name: a short name, e.g. ``'sign'``.
+        name: a short name for logs, e.g. ``'sign'``.
         fn: maps the tree of interpolations ``c`` to the tree of directions.
         elementwise: True when each output element depends only on the same input
             element (then the step fuses into one pass and needs no communication
@@ -37,6 +66,14 @@ class Kappa(NamedTuple):
         k: the convex function ``K`` whose subgradient ``fn`` is, as text.
         constraint: the problem Lion-K with decoupled weight decay ``lambda``
             solves, as text.
+        conjugate: the convex conjugate ``K*``, as text.
+        dual_norm: the exponent ``q`` of the feasible set
+            :math:`\{x : \|x\|_q \le 1/\lambda\}` (``math.inf`` for the box
+            :math:`\|x\|_\infty \le 1/\lambda`), or None when unknown (a custom
+            kappa that does not declare it).
+        scope: ``'leaf'`` when the feasible set is a product of one ball per
+            array, ``'global'`` when it is one ball over the whole tree. (For the
+            box both describe the same set.)
     """
 
     name: str
@@ -44,10 +81,23 @@ class Kappa(NamedTuple):
     elementwise: bool
     k: str
     constraint: str
+    conjugate: str = 'unknown'
+    dual_norm: float | None = None
+    scope: str = 'leaf'
+
+    def describe(self) -> str:
+        """A multi-line text with the name, ``K``, ``K*`` and the solved problem."""
+        return (
+            f'kappa {self.name}\n  K:  {self.k}\n  K*: {self.conjugate}\n'
+            f'  with decoupled weight decay lambda, Lion-K solves: {self.constraint}'
+        )
 
 
 def _elementwise(fn: Callable[[jax.Array], jax.Array]) -> Callable[[PyTree], PyTree]:
     return lambda tree: jax.tree.map(fn, tree)
+
+
+_BOX = '||x||_inf <= 1/lambda'
 
 
 def sign_kappa() -> Kappa:
@@ -55,10 +105,15 @@ def sign_kappa() -> Kappa:
 
     .. math::
 
-        K(x) = \|x\|_1, \qquad \nabla K(c) = \mathrm{sign}(c).
+        K(x) = \|x\|_1, \qquad \nabla K(c) = \mathrm{sign}(c), \qquad
+        K^*(y) = \begin{cases} 0 & \|y\|_\infty \le 1 \\ +\infty &
+        \text{otherwise.} \end{cases}
 
     With decoupled weight decay :math:`\lambda`, Lion solves
-    :math:`\min f(x)\ \text{s.t.}\ \|x\|_\infty \le 1/\lambda`.
+    :math:`\min f(x)\ \text{s.t.}\ \|x\|_\infty \le 1/\lambda`: the iterates
+    first enter the box (each step shrinks the distance to it by at least the
+    factor :math:`1 - \eta\lambda`), never leave it, and then descend.
+    Optax's ``mode='hard'``.
 
     Returns:
         A :class:`Kappa`.
@@ -74,7 +129,9 @@ def sign_kappa() -> Kappa:
         fn=_elementwise(jnp.sign),
         elementwise=True,
         k='K(x) = ||x||_1',
-        constraint='min f(x) s.t. ||x||_inf <= 1/lambda',
+        constraint=f'min f(x) s.t. {_BOX}',
+        conjugate='K*(y) = 0 if ||y||_inf <= 1 else +inf (indicator of the unit inf-ball)',
+        dual_norm=math.inf,
     )
 
 
@@ -83,14 +140,28 @@ def clip_kappa() -> Kappa:
 
     .. math::
 
-        K(x) = \sum_i \mathrm{huber}(x_i), \quad
-        \mathrm{huber}(z) = \begin{cases} z^2/2 & |z| \le 1 \\ |z| - 1/2 &
-        \text{otherwise} \end{cases}, \qquad \nabla K(c) = \mathrm{clip}(c, -1, 1).
+        K(x) = \sum_i h(x_i), \quad
+        h(z) = \begin{cases} z^2/2 & |z| \le 1 \\ |z| - 1/2 &
+        \text{otherwise} \end{cases}, \qquad \nabla K(c) = \mathrm{clip}(c, -1, 1),
 
-    :math:`K^*(x) = \|x\|^2/2` on the box :math:`\|x\|_\infty \le 1`, so with
-    weight decay :math:`\lambda` Lion-K solves
-    :math:`\min f(x) + \tfrac{\lambda}{2}\|x\|_2^2` (scaled)
-    s.t. :math:`\|x\|_\infty \le 1/\lambda`.
+    .. math::
+
+        K^*(y) = \begin{cases} \tfrac12 \|y\|_2^2 & \|y\|_\infty \le 1 \\
+        +\infty & \text{otherwise.} \end{cases}
+
+    (:math:`h^*(y) = \sup_z yz - h(z)` is attained at :math:`z = y` for
+    :math:`|y| \le 1` and is unbounded beyond, since :math:`h` grows with slope
+    1.) So with weight decay :math:`\lambda`, :math:`\tfrac{1}{\lambda}
+    K^*(\lambda x) = \tfrac{\lambda}{2}\|x\|_2^2` on the box and Lion-K solves
+
+    .. math::
+
+        \min_x\ f(x) + \tfrac{\lambda}{2}\|x\|_2^2 \quad \text{s.t.}\quad
+        \|x\|_\infty \le 1/\lambda,
+
+    an l2-regularised problem in Lion's box: inside it the decay acts as a
+    ridge penalty of strength :math:`\lambda`. The direction is linear for
+    :math:`|c| < 1`, so its scale depends on the gradient's scale.
 
     Returns:
         A :class:`Kappa`.
@@ -101,13 +172,16 @@ def clip_kappa() -> Kappa:
         >>> clip_kappa().fn(jnp.array([-2.0, 0.25, 3.0]))
         Array([-1.  ,  0.25,  1.  ], dtype=float32)
     """
-    # The same expression as optax's 'refined' mode, so the numbers agree.
+    # The same expression as optax's 'refined' mode, so the numbers agree
+    # (NaN stays NaN, as with clip).
     return Kappa(
         name='clip',
         fn=_elementwise(lambda c: jnp.where(jnp.abs(c) < 1.0, c, jnp.sign(c))),
         elementwise=True,
-        k='K(x) = sum_i huber(x_i)',
-        constraint='min f(x) + (lambda/2)||x||_2^2 s.t. ||x||_inf <= 1/lambda',
+        k='K(x) = sum_i huber(x_i), huber(z) = z^2/2 if |z| <= 1 else |z| - 1/2',
+        constraint=f'min f(x) + (lambda/2) ||x||_2^2 s.t. {_BOX}',
+        conjugate='K*(y) = ||y||_2^2 / 2 if ||y||_inf <= 1 else +inf',
+        dual_norm=math.inf,
     )
 
 
@@ -117,14 +191,34 @@ def tanh_kappa(beta: float = 1.0) -> Kappa:
     .. math::
 
         K(x) = \sum_i \tfrac{1}{\beta}\log\cosh(\beta x_i), \qquad
-        \nabla K(c) = \tanh(\beta c).
+        \nabla K(c) = \tanh(\beta c),
 
-    :math:`K^*` is a scaled binary entropy on :math:`\|x\|_\infty \le 1`, a
-    barrier that keeps :math:`\|x\|_\infty < 1/\lambda`; large :math:`\beta`
-    approaches classic Lion.
+    .. math::
+
+        K^*(y) = \frac{1}{\beta}\sum_i \Bigl[\tfrac{1 + y_i}{2}\log(1 + y_i) +
+        \tfrac{1 - y_i}{2}\log(1 - y_i)\Bigr] \ \text{on}\ \|y\|_\infty \le 1,
+        \quad +\infty \ \text{outside},
+
+    that is :math:`\tfrac{1}{\beta}\sum_i (\log 2 - H(\tfrac{1 + y_i}{2}))`
+    with :math:`H` the binary entropy in nats (the sup is attained at
+    :math:`z = \mathrm{atanh}(y)/\beta`). With weight decay :math:`\lambda`,
+    Lion-K solves
+
+    .. math::
+
+        \min_x\ f(x) + \frac{1}{\lambda\beta}\sum_i \Bigl[
+        \tfrac{1 + \lambda x_i}{2}\log(1 + \lambda x_i) +
+        \tfrac{1 - \lambda x_i}{2}\log(1 - \lambda x_i)\Bigr]
+        \quad \text{s.t.}\quad \|x\|_\infty \le 1/\lambda.
+
+    The penalty is finite on the box but its slope
+    :math:`\mathrm{atanh}(\lambda x_i)/\beta` is infinite at the bound, so a
+    minimiser with finite gradient lies strictly inside; near 0 it is the ridge
+    :math:`\tfrac{\lambda}{2\beta}\|x\|_2^2`. Large :math:`\beta` approaches
+    classic Lion.
 
     Args:
-        beta: sharpness, > 0.
+        beta: sharpness, a finite number > 0 (optax's ``smooth_beta``).
 
     Returns:
         A :class:`Kappa`.
@@ -135,21 +229,61 @@ def tanh_kappa(beta: float = 1.0) -> Kappa:
         >>> tanh_kappa(beta=100.0).fn(jnp.array([-1.0, 1.0]))
         Array([-1.,  1.], dtype=float32)
     """
-    validation.check_positive('beta', beta)
+    validation.check_positive(
+        'beta', beta, hint='beta is the sharpness of tanh(beta * c); 1.0 is optax\'s default.'
+    )
+    beta_value = validation.concrete_float(beta)
+    beta_text = 'traced' if beta_value is None else f'{beta_value:g}'
     return Kappa(
-        name=f'tanh(beta={beta})',
+        name=f'tanh(beta={beta_text})',
         fn=_elementwise(lambda c: jnp.tanh(beta * c)),
         elementwise=True,
-        k='K(x) = sum_i log(cosh(beta x_i)) / beta',
-        constraint='min f(x) + lambda-scaled entropy barrier, ||x||_inf < 1/lambda',
+        k=f'K(x) = sum_i log(cosh(beta x_i)) / beta, beta={beta_text}',
+        constraint=(
+            'min f(x) + 1/(lambda beta) sum_i [(1 + lambda x_i)/2 log(1 + lambda x_i) '
+            f'+ (1 - lambda x_i)/2 log(1 - lambda x_i)] s.t. {_BOX} '
+            '(the penalty\'s slope is infinite at the bound: minimisers lie inside)'
+        ),
+        conjugate=(
+            'K*(y) = (1/beta) sum_i [(1 + y_i)/2 log(1 + y_i) + (1 - y_i)/2 log(1 - y_i)] '
+            'if ||y||_inf <= 1 else +inf'
+        ),
+        dual_norm=math.inf,
     )
 
 
-def _lp_direction(c: jax.Array, norm: jax.Array, p: float) -> jax.Array:
-    """``sign(c) |c|^(p-1) / ||c||_p^(p-1)``, and 0 where the norm is 0."""
-    safe_norm = jnp.where(norm > 0, norm, 1.0)
-    direction = jnp.sign(c) * (jnp.abs(c) / safe_norm) ** (p - 1.0)
-    return jnp.where(norm > 0, direction, jnp.zeros_like(direction))
+def _max_abs(c: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(c), initial=0.0)
+
+
+def _lp_direction(c: jax.Array, scale: jax.Array, norm: jax.Array, p: float) -> jax.Array:
+    """``sign(c) |c|^(p-1) / ||c||_p^(p-1)`` from ``scale = max|c|`` and ``||c / scale||_p``.
+
+    Dividing by ``scale`` first keeps the norm free of underflow and overflow
+    (``c ~ 1e-25`` squares to 0 in float32), so the direction is exactly scale
+    invariant, as ``grad ||.||_p`` is. An all-zero ``c`` gives 0; a NaN stays
+    NaN.
+    """
+    scale = scale.astype(c.dtype)
+    norm = norm.astype(c.dtype)
+    zero = scale == 0
+    ratio = c / jnp.where(zero, 1.0, scale) / jnp.where(zero, 1.0, norm)
+    if p == 2.0:
+        direction = ratio
+    else:
+        direction = jnp.sign(ratio) * jnp.abs(ratio) ** (p - 1.0)
+    return jnp.where(zero, jnp.zeros_like(direction), direction)
+
+
+def _scaled_lp_sum(c: jax.Array, scale: jax.Array, p: float) -> jax.Array:
+    """``sum((|c| / scale)^p)``, with ``scale`` 0 treated as 1."""
+    safe = jnp.where(scale == 0, 1.0, scale).astype(c.dtype)
+    ratio = jnp.abs(c) / safe
+    return jnp.sum(ratio * ratio if p == 2.0 else ratio**p)
+
+
+def _check_scope(scope: str) -> None:
+    validation.check_choice('scope', scope, SCOPES)
 
 
 def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
@@ -158,17 +292,29 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
     .. math::
 
         K(x) = \|x\|_p, \qquad
-        \nabla K(c) = \frac{\mathrm{sign}(c)\,|c|^{p-1}}{\|c\|_p^{p-1}}.
+        \nabla K(c) = \frac{\mathrm{sign}(c)\,|c|^{p-1}}{\|c\|_p^{p-1}}
+        \quad (0\ \text{where}\ c = 0\ \text{everywhere}),
 
-    :math:`K^*` is the indicator of the dual ball :math:`\|x\|_q \le 1` with
-    :math:`1/p + 1/q = 1`, so with weight decay :math:`\lambda` Lion-K solves
-    :math:`\min f(x)\ \text{s.t.}\ \|x\|_q \le 1/\lambda` (per leaf, or over the
-    whole tree with ``scope='global'``). ``p = 1`` is classic Lion and ``p = 2``
-    is normalised momentum. The direction has unit dual norm, so its elements
-    are much smaller than ``sign``'s: scale the learning rate up accordingly.
+    .. math::
+
+        K^*(y) = \begin{cases} 0 & \|y\|_q \le 1 \\ +\infty & \text{otherwise}
+        \end{cases}, \qquad \frac1p + \frac1q = 1,
+
+    so with weight decay :math:`\lambda` Lion-K solves
+    :math:`\min f(x)\ \text{s.t.}\ \|x\|_q \le 1/\lambda`, with ``scope='leaf'``
+    one such ball per array (``K`` the sum of the arrays' norms) or with
+    ``scope='global'`` one ball over the whole tree (``K`` the norm of all
+    parameters concatenated). ``p = 1`` is classic Lion (:math:`q = \infty`)
+    and ``p = 2`` is normalised momentum (:math:`q = 2`).
+
+    The direction has unit dual norm (:math:`\|\nabla K(c)\|_q = 1`), so its
+    elements are about :math:`n^{-1/q}` times ``sign``'s for an array of
+    :math:`n` elements: scale the learning rate up accordingly (and the decay
+    down, to keep the radius :math:`1/\lambda` sensible). The norm is computed
+    from ``c / max|c|``, so tiny or huge ``c`` neither underflow nor overflow.
 
     Args:
-        p: the norm's exponent, in ``[1, 2]``.
+        p: the norm's exponent, a number in ``[1, 2]``.
         scope: ``'leaf'`` (a norm per array) or ``'global'`` (one norm over the
             whole tree; under sharding this costs one all-reduce of a scalar).
 
@@ -181,36 +327,53 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
         >>> lp_kappa(2.0).fn(jnp.array([3.0, 4.0]))
         Array([0.6, 0.8], dtype=float32)
     """
-    p_value = validation._concrete_float(p)  # pylint: disable=protected-access
-    if p_value is None or not 1.0 <= p_value <= 2.0:
+    p_value = validation.concrete_float(p)
+    if isinstance(p, bool) or p_value is None or not 1.0 <= p_value <= 2.0:
         raise ValueError(
             f'p={p!r} is outside [1, 2]. The Lion-K analysis covers lp norms with '
             '1 <= p <= 2 (p=1 is classic Lion, p=2 normalised momentum); pass a '
-            'float in that range.'
+            'number in that range, e.g. lp_kappa(1.5).'
         )
-    validation.check_choice('scope', scope, ('leaf', 'global'))
+    _check_scope(scope)
     p_value = float(p_value)
+    q_value = math.inf if p_value == 1.0 else p_value / (p_value - 1.0)
+    q_text = 'inf' if q_value == math.inf else f'{q_value:.4g}'
+    where = 'for each array' if scope == 'leaf' else 'over the whole tree'
 
-    def leaf_norm(c: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.abs(c) ** p_value) ** (1.0 / p_value)
+    if p_value == 1.0:
+        fn = _elementwise(jnp.sign)  # grad ||.||_1 = sign, whatever the scope
+    elif scope == 'leaf':
 
-    if scope == 'leaf':
-        fn = _elementwise(lambda c: _lp_direction(c, leaf_norm(c), p_value))
+        def leaf_direction(c: jax.Array) -> jax.Array:
+            scale = _max_abs(c)
+            norm = _scaled_lp_sum(c, scale, p_value) ** (1.0 / p_value)
+            return _lp_direction(c, scale, norm, p_value)
+
+        fn = _elementwise(leaf_direction)
     else:
 
         def fn(tree: PyTree) -> PyTree:
             leaves = jax.tree.leaves(tree)
-            total = sum(jnp.sum(jnp.abs(c) ** p_value) for c in leaves)
+            if not leaves:
+                return tree
+            dtype = jnp.result_type(*leaves)
+            scale = jnp.max(jnp.stack([_max_abs(c).astype(dtype) for c in leaves]))
+            total = sum(_scaled_lp_sum(c, scale, p_value).astype(dtype) for c in leaves)
             norm = total ** (1.0 / p_value)
-            return jax.tree.map(lambda c: _lp_direction(c, norm.astype(c.dtype), p_value), tree)
+            return jax.tree.map(lambda c: _lp_direction(c, scale, norm, p_value), tree)
 
-    q = 'inf' if p_value == 1.0 else f'{p_value / (p_value - 1.0):.4g}'
     return Kappa(
         name=f'lp(p={p_value:g}, scope={scope})',
         fn=fn,
-        elementwise=p_value == 1.0 and scope == 'leaf',
-        k=f'K(x) = ||x||_{p_value:g}',
-        constraint=f'min f(x) s.t. ||x||_{q} <= 1/lambda ({scope})',
+        elementwise=p_value == 1.0,
+        k=f'K(x) = ||x||_{p_value:g} ({where})',
+        constraint=f'min f(x) s.t. ||x||_{q_text} <= 1/lambda ({where})',
+        conjugate=(
+            f'K*(y) = 0 if ||y||_{q_text} <= 1 else +inf ({where}), '
+            f'q = p/(p-1) = {q_text}'
+        ),
+        dual_norm=q_value,
+        scope='leaf' if p_value == 1.0 else scope,
     )
 
 
@@ -219,12 +382,17 @@ def l2_kappa(*, scope: str = 'leaf') -> Kappa:
 
     .. math::
 
-        K(x) = \|x\|_2, \qquad \nabla K(c) = c / \|c\|_2.
+        K(x) = \|x\|_2, \qquad \nabla K(c) = c / \|c\|_2, \qquad
+        K^*(y) = \begin{cases} 0 & \|y\|_2 \le 1 \\ +\infty & \text{otherwise.}
+        \end{cases}
 
     With weight decay :math:`\lambda`, Lion-K solves
-    :math:`\min f(x)\ \text{s.t.}\ \|x\|_2 \le 1/\lambda` (per leaf, or over the
+    :math:`\min f(x)\ \text{s.t.}\ \|x\|_2 \le 1/\lambda` (per array, or over the
     whole tree with ``scope='global'``, which costs one scalar all-reduce when
-    sharded). The same as :func:`lp_kappa` with ``p=2``.
+    sharded). For :math:`f(x) = \tfrac12\|x - a\|^2` the solution is the
+    projection of :math:`a` onto that ball. The same as :func:`lp_kappa` with
+    ``p=2``; the direction has unit l2 norm, so use a learning rate about
+    :math:`\sqrt{n}` times Lion's for an array of :math:`n` elements.
 
     Args:
         scope: ``'leaf'`` or ``'global'``.
@@ -239,18 +407,38 @@ def l2_kappa(*, scope: str = 'leaf') -> Kappa:
         {'a': Array([0.6], dtype=float32), 'b': Array([0.8], dtype=float32)}
     """
     kappa = lp_kappa(2.0, scope=scope)
-    return kappa._replace(name=f'l2(scope={scope})', k='K(x) = ||x||_2')
+    where = 'for each array' if scope == 'leaf' else 'over the whole tree'
+    return kappa._replace(name=f'l2(scope={scope})', k=f'K(x) = ||x||_2 ({where})')
 
 
-def custom_kappa(fn: Callable[[jax.Array], jax.Array], *, name: str | None = None) -> Kappa:
-    """Wraps a user's element-wise function ``c -> direction`` as a :class:`Kappa`.
+def custom_kappa(
+    fn: Callable[[jax.Array], jax.Array],
+    *,
+    name: str | None = None,
+    elementwise: bool = False,
+    k: str = 'user-supplied',
+    conjugate: str = 'unknown',
+    constraint: str = 'unknown (depends on the user-supplied function)',
+    dual_norm: float | None = None,
+) -> Kappa:
+    r"""Wraps a user's function ``c -> direction``, applied to each array, as a :class:`Kappa`.
 
-    The function is applied to each leaf. It should be the subgradient of a
-    convex function for the Lion-K theory to apply; that is not checked.
+    For the Lion-K theory to apply, ``fn`` should be the (sub)gradient of a
+    convex function ``K``; that is not checked, but you may document ``K``,
+    ``K*`` and the solved problem, and declare the feasible set
+    :math:`\|x\|_q \le 1/\lambda` (``dual_norm=q``) so that
+    :func:`constraint_diagnostics` works with it. ``fn`` must keep the shape of
+    its input; this is checked when the step is traced. For a function of the
+    whole tree, build a :class:`Kappa` directly.
 
     Args:
         fn: a function of one array returning an array of the same shape.
         name: a name for logs; defaults to the function's ``__name__``.
+        elementwise: whether each output element depends only on the same input
+            element (a promise; it lets the step fuse).
+        k, conjugate, constraint: documentation of ``K``, ``K*`` and the problem.
+        dual_norm: ``q`` of the feasible set (``math.inf`` for the box), if known;
+            a number >= 1.
 
     Returns:
         A :class:`Kappa`.
@@ -258,17 +446,63 @@ def custom_kappa(fn: Callable[[jax.Array], jax.Array], *, name: str | None = Non
     Example:
         >>> import jax.numpy as jnp
         >>> from lion_optax import custom_kappa
-        >>> custom_kappa(lambda c: jnp.sign(c) * 0.5, name='half').fn(jnp.array([2.0]))
-        Array([0.5], dtype=float32)
+        >>> softsign = custom_kappa(lambda c: c / (1 + jnp.abs(c)), name='softsign')
+        >>> softsign.fn(jnp.array([-1.0, 3.0]))
+        Array([-0.5 ,  0.75], dtype=float32)
     """
-    if not callable(fn):
-        raise TypeError(f'custom_kappa expects a callable c -> direction, got {fn!r}.')
+    if isinstance(fn, Kappa) or not callable(fn):
+        raise TypeError(
+            f'custom_kappa expects a callable c -> direction (one array in, one array '
+            f'of the same shape out), got {fn!r}. A Kappa can be passed to '
+            'scale_by_lion as it is.'
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(object())
+        except TypeError as error:
+            raise TypeError(
+                f'kappa function {fn!r} cannot be called with one argument (the '
+                f'array c): {error}. Pass a function of one array, e.g. '
+                'lambda c: jnp.tanh(2.0 * c).'
+            ) from error
+    if not isinstance(elementwise, bool):
+        raise TypeError(f'elementwise must be True or False, got {elementwise!r}.')
+    if dual_norm is not None:
+        q = validation.concrete_float(dual_norm)
+        if q is None or not q >= 1.0:
+            raise ValueError(
+                f'dual_norm={dual_norm!r} is invalid: expected a number q >= 1 '
+                '(math.inf for the box) such that the feasible set is '
+                '||x||_q <= 1/lambda, or None when unknown.'
+            )
+        dual_norm = float(q)
+    label = name or getattr(fn, '__name__', 'custom')
+
+    def checked(c: jax.Array) -> jax.Array:
+        out = jnp.asarray(fn(c))
+        if out.shape != c.shape:
+            raise ValueError(
+                f'kappa {label!r} returned shape {out.shape} for an input of shape '
+                f'{c.shape}. A kappa maps each array c to a direction of the same '
+                'shape; fix the function (e.g. avoid reductions without keepdims).'
+            )
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            out = out.astype(c.dtype)
+        return out
+
     return Kappa(
-        name=name or getattr(fn, '__name__', 'custom'),
-        fn=_elementwise(fn),
-        elementwise=False,
-        k='user-supplied',
-        constraint='unknown (depends on the user-supplied function)',
+        name=label,
+        fn=_elementwise(checked),
+        elementwise=elementwise,
+        k=k,
+        constraint=constraint,
+        conjugate=conjugate,
+        dual_norm=dual_norm,
+        scope='leaf',
     )
 
 
@@ -289,26 +523,46 @@ def resolve_kappa(kappa: str | Kappa | Callable[[jax.Array], jax.Array]) -> Kapp
     """Turns the ``kappa`` option of ``scale_by_lion`` into a :class:`Kappa`.
 
     Args:
-        kappa: a name (``'sign'``, ``'clip'``, ``'tanh'``, ``'l2'``,
-            ``'l2_global'``, or optax's ``'hard'``, ``'refined'``, ``'smooth'``), a
-            :class:`Kappa`, or an element-wise callable.
+        kappa: a name (``'sign'``, ``'clip'`` or ``'huber'``, ``'tanh'``,
+            ``'l2'``, ``'l2_global'``, or optax's ``'hard'``, ``'refined'``,
+            ``'smooth'``), a :class:`Kappa` (e.g. ``lp_kappa(1.5)``,
+            ``tanh_kappa(beta=2.0)``), or an element-wise callable (wrapped with
+            :func:`custom_kappa`).
 
     Returns:
         A :class:`Kappa`.
+
+    Example:
+        >>> from lion_optax import resolve_kappa
+        >>> resolve_kappa('refined').name
+        'clip'
     """
     if isinstance(kappa, Kappa):
+        if not callable(kappa.fn):
+            raise TypeError(f'Kappa {kappa.name!r} has a fn that is not callable: {kappa.fn!r}.')
+        if kappa.scope not in SCOPES:
+            raise ValueError(
+                f'Kappa {kappa.name!r} has scope={kappa.scope!r}; expected one of {SCOPES}.'
+            )
         return kappa
     if isinstance(kappa, str):
         if kappa not in _NAMED_KAPPAS:
+            hint = ''
+            if kappa.lower().startswith('lp') or kappa == 'l1':
+                hint = (
+                    ' An lp kappa needs its exponent: pass kappa=lp_kappa(p=1.5) '
+                    '(p in [1, 2]; scope="leaf" or "global").'
+                )
             raise ValueError(
                 f'kappa={kappa!r} is not a known kappa. Expected one of '
                 f'{", ".join(repr(k) for k in _NAMED_KAPPAS)}, a Kappa such as '
                 'lp_kappa(p=1.5) or tanh_kappa(beta=2.0), or a callable c -> '
-                'direction.'
+                'direction.' + hint
             )
         return _NAMED_KAPPAS[kappa]()
     if callable(kappa):
         return custom_kappa(kappa)
     raise TypeError(
-        f'kappa={kappa!r} has type {type(kappa).__name__}; expected a name, a Kappa or a callable.'
+        f'kappa={kappa!r} has type {type(kappa).__name__}; expected a name such as '
+        "'sign', a Kappa such as lp_kappa(1.5), or a callable c -> direction."
     )

@@ -52,9 +52,20 @@ def _lp_directions(c: Leaves, p: float, scope: str) -> Leaves:
 
 
 def kappa_directions(
-    c: Leaves, kappa: str, *, beta: float = 1.0, p: float = 1.0, scope: str = 'leaf'
+    c: Leaves,
+    kappa: str | Callable[[float], float],
+    *,
+    beta: float = 1.0,
+    p: float = 1.0,
+    scope: str = 'leaf',
 ) -> Leaves:
-    """The direction kappa(c) for the named kappa ('sign', 'clip', 'tanh', 'lp')."""
+    """The direction kappa(c) for the named kappa ('sign', 'clip', 'tanh', 'lp').
+
+    A callable ``kappa`` (float -> float) is applied to every element, as
+    ``custom_kappa`` does.
+    """
+    if callable(kappa):
+        return {k: [float(kappa(v)) for v in vs] for k, vs in c.items()}
     if kappa == 'sign':
         return {k: [sign(v) for v in vs] for k, vs in c.items()}
     if kappa == 'clip':
@@ -91,7 +102,7 @@ def lion_reference(
     weight_decay_convention: str = 'paper',
     reference_learning_rate: float | None = None,
     decay_mask: dict[str, bool] | None = None,
-    kappa: str = 'sign',
+    kappa: str | Callable[[float], float] = 'sign',
     kappa_beta: float = 1.0,
     kappa_p: float = 1.0,
     kappa_scope: str = 'leaf',
