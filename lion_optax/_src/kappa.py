@@ -99,6 +99,24 @@ def _elementwise(fn: Callable[[jax.Array], jax.Array]) -> Callable[[PyTree], PyT
 
 _BOX = '||x||_inf <= 1/lambda'
 
+# The one tree function of classic Lion, shared by sign_kappa and lp_kappa(1.0),
+# so that code paths specialised to sign can recognise it (see is_sign).
+_SIGN_FN = _elementwise(jnp.sign)
+
+
+def is_sign(kappa: Kappa) -> bool:
+    """Whether ``kappa`` is classic Lion's ``sign`` (``sign_kappa()``, ``'hard'``,
+    ``lp_kappa(1.0)``), recognised by its function, not its name.
+
+    Example:
+        >>> from lion_optax._src import kappa
+        >>> kappa.is_sign(kappa.resolve_kappa('hard')), kappa.is_sign(kappa.lp_kappa(1.0))
+        (True, True)
+        >>> kappa.is_sign(kappa.custom_kappa(lambda c: c, name='sign'))
+        False
+    """
+    return kappa.fn is _SIGN_FN
+
 
 def sign_kappa() -> Kappa:
     r"""Classic Lion: ``sign(c)``, with ``sign(0) = 0``.
@@ -126,7 +144,7 @@ def sign_kappa() -> Kappa:
     """
     return Kappa(
         name='sign',
-        fn=_elementwise(jnp.sign),
+        fn=_SIGN_FN,
         elementwise=True,
         k='K(x) = ||x||_1',
         constraint=f'min f(x) s.t. {_BOX}',
@@ -341,7 +359,7 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
     where = 'for each array' if scope == 'leaf' else 'over the whole tree'
 
     if p_value == 1.0:
-        fn = _elementwise(jnp.sign)  # grad ||.||_1 = sign, whatever the scope
+        fn = _SIGN_FN  # grad ||.||_1 = sign, whatever the scope
     elif scope == 'leaf':
 
         def leaf_direction(c: jax.Array) -> jax.Array:
