@@ -51,6 +51,10 @@ from lion_optax._src.sharding import tree_bytes as tree_bytes
 from lion_optax._src.sharding import zeros_like_sharded as zeros_like_sharded
 
 # checkpoint
+from lion_optax._src.checkpoint import CheckpointMismatchError as CheckpointMismatchError
+from lion_optax._src.checkpoint import latest_step as latest_step
+from lion_optax._src.checkpoint import restore_checkpoint as restore_checkpoint
+from lion_optax._src.checkpoint import save_checkpoint as save_checkpoint
 
 __version__ = '0.1.0'
 
