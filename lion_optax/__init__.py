@@ -24,6 +24,13 @@ from lion_optax._src.weight_decay import (
 )
 
 # precision
+from lion_optax._src.precision import (
+    Int8Momentum,
+    QuantizedMomentum,
+    RoundUpdatesToParamsState,
+    round_updates_to_params,
+    stochastic_round,
+)
 
 # constraints and monitors
 # isort: split

@@ -8,8 +8,8 @@ from typing import Any
 import optax
 
 from lion_optax._src import kappa as kappa_lib
-from lion_optax._src import validation
-from lion_optax._src.direction import scale_by_lion
+from lion_optax._src import precision, validation
+from lion_optax._src.direction import lion_direction
 from lion_optax._src.nonfinite import skip_nonfinite as skip_nonfinite_wrapper
 from lion_optax._src.weight_decay import add_decoupled_weight_decay
 
@@ -27,6 +27,9 @@ def lion(
     weight_decay_convention: str = 'paper',
     reference_learning_rate: float | None = None,
     skip_nonfinite: bool = True,
+    mu_rounding: str = 'stochastic',
+    param_rounding: str = 'stochastic',
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Lion optimizer (EvoLved Sign Momentum), a drop-in for ``optax.lion``.
 
@@ -38,9 +41,11 @@ def lion(
       m_t &= \beta_2 m_{t-1} + (1 - \beta_2) g_t
 
     It chains, top to bottom: :func:`scale_by_lion` (the direction),
-    :func:`add_decoupled_weight_decay` (the decay, masked), and
-    ``optax.scale_by_learning_rate`` (the step), all wrapped in
-    :func:`skip_nonfinite` by default. With the defaults and finite gradients
+    :func:`add_decoupled_weight_decay` (the decay, masked),
+    ``optax.scale_by_learning_rate`` (the step) and, for bfloat16/float16
+    parameters, :func:`round_updates_to_params` (stochastic rounding of the
+    new parameters, so that steps smaller than half an ulp still land), all
+    wrapped in :func:`skip_nonfinite` by default. With the defaults and finite gradients
     the numbers are those of ``optax.lion`` for the same arguments.
 
     Lion's learning rate is 3-10x smaller than AdamW's and its weight decay
@@ -51,7 +56,9 @@ def lion(
       learning_rate: :math:`\eta_t`, a float >= 0 or a schedule.
       b1: interpolation rate for the update, in [0, 1].
       b2: momentum decay rate, in [0, 1].
-      mu_dtype: float dtype of the momentum; None follows the parameters.
+      mu_dtype: storage of the momentum: a float dtype (``jnp.bfloat16``: 2
+        bytes per parameter), ``'int8'`` or :class:`Int8Momentum` (block-wise
+        quantised, about 1 byte), or None to follow the parameters (see :func:`scale_by_lion`).
       weight_decay: :math:`\lambda_t`, a float >= 0 or a schedule.
       mask: which leaves get weight decay: a pytree of booleans (or a prefix)
         or a callable returning one from the params.
@@ -66,6 +73,13 @@ def lion(
         ``'fully_decoupled'``; defaults to ``learning_rate`` when that is a
         constant, and is required with a schedule.
       skip_nonfinite: skip (and count) steps whose gradient has a NaN or Inf.
+      mu_rounding: ``'stochastic'`` (default) or ``'nearest'``: rounding of a
+        momentum stored in bfloat16, float16 or int8.
+      param_rounding: ``'stochastic'`` (default) or ``'nearest'``: how the new
+        value of a bfloat16/float16 parameter is rounded. With ``'nearest'``
+        (``optax.apply_updates`` alone) a bf16 weight of 1.0 never moves with
+        ``learning_rate=1e-4``. float32 parameters are not affected.
+      seed: an integer seeding both stochastic roundings (reproducible runs).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -99,8 +113,19 @@ def lion(
         reference_learning_rate = learning_rate
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f'skip_nonfinite must be True or False, got {skip_nonfinite!r}.')
-    transformation = optax.chain(
-        scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype, kappa=kappa, cautious=cautious),
+    validation.check_choice('param_rounding', param_rounding, precision.ROUNDING_MODES)
+    direction = lion_direction(
+        b1,
+        b2,
+        mu_dtype,
+        kappa=kappa,
+        cautious=cautious,
+        mu_rounding=mu_rounding,
+        seed=seed,
+        inside_skip_nonfinite=skip_nonfinite,
+    )
+    stages = [
+        direction,
         add_decoupled_weight_decay(
             weight_decay,
             convention=weight_decay_convention,
@@ -108,7 +133,10 @@ def lion(
             mask=mask,
         ),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ]
+    if param_rounding == 'stochastic':
+        stages.append(precision.round_updates_to_params('stochastic', seed=seed))
+    transformation = optax.chain(*stages)
     if skip_nonfinite:
         return skip_nonfinite_wrapper(transformation)
     return transformation

@@ -1,0 +1,343 @@
+"""Step speed and memory of Lion: ours, ``optax.lion``, ``optax.adamw`` and the roofline.
+
+One jitted optimizer step plus ``optax.apply_updates`` with the parameters and the
+optimizer state donated, on parameter trees of several sizes. Lion is memory
+bound: per float32 parameter a step must read the parameter, the gradient and the
+momentum and write the parameter and the momentum, 20 bytes, the roofline. The
+roofline is measured in the same run, on the same buffers, by a bandwidth probe
+``p <- p - lr * g`` (12 bytes per parameter): ``roofline = probe * 20 / 12``.
+
+Timing is interleaved (every method once per round, rounds repeated), so a load
+change on the machine hits all methods alike; we report medians with the 25-75 %
+spread, and ratios (ours / optax.lion, time / roofline) computed round by round
+and then summarised, all from this one run.
+
+Memory: the optimizer state's bytes per parameter, and the compiled step's
+footprint from ``memory_analysis()`` (arguments, outputs, aliased and temporary
+bytes). The compiled HLO is inspected too: loop fusions and copies per step.
+
+Usage::
+
+    python benchmarks/step_speed.py            # full: 1M, 8M, 64M params, 200 small leaves
+    python benchmarks/step_speed.py --quick    # < 2 minutes on 2 CPU cores
+    python benchmarks/step_speed.py --out results/step_speed/ --rounds 30
+
+Writes ``step_speed.json``, ``step_speed.md`` and ``step_speed.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lion_optax  # noqa: E402
+
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 1e-3
+
+
+def _probe() -> optax.GradientTransformation:
+    """``u = -lr * g``: with apply_updates, the 12 B/param bandwidth probe."""
+    return optax.scale(-LEARNING_RATE)
+
+
+def methods(full: bool) -> dict[str, Callable[[], optax.GradientTransformation]]:
+    """The optimizers timed, by name (constructed fresh for each size)."""
+    table = {
+        'probe (p -= lr*g)': _probe,
+        'optax.lion': lambda: optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+        'lion_optax.lion': lambda: lion_optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+        'lion_optax.lion (no skip)': lambda: lion_optax.lion(
+            LEARNING_RATE, weight_decay=WEIGHT_DECAY, skip_nonfinite=False
+        ),
+        'lion_optax.lion bf16 mu': lambda: lion_optax.lion(
+            LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype=jnp.bfloat16
+        ),
+        'lion_optax.lion int8 mu': lambda: lion_optax.lion(
+            LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype='int8'
+        ),
+        'optax.adamw': lambda: optax.adamw(1e-3, weight_decay=1e-4),
+    }
+    del full  # the same table in both modes
+    return table
+
+
+def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
+    """Parameter trees by name: lists of leaf shapes."""
+    rng = np.random.default_rng(0)
+    # Many small leaves stress per-leaf overheads. With skip_nonfinite, XLA:CPU
+    # compiles 200 leaves in about 2 minutes per optimizer (see the JSON's
+    # compile_s), so --quick uses 40.
+    count = 40 if quick else 200
+    small = [(int(n),) for n in rng.integers(512, 8192, size=count)]
+    out = {
+        '1M in 16 leaves': [(2**16,)] * 16,
+        f'{count} small leaves': small,
+        '8M in 16 leaves': [(2**19,)] * 16,
+    }
+    if not quick:
+        out['64M in 16 leaves'] = [(2**22,)] * 16
+    return out
+
+
+def _hlo_stats(compiled: Any) -> dict[str, int]:
+    entry = compiled.as_text().split('ENTRY', 1)[1]
+    return {
+        'fusions': len(re.findall(r'\bfusion\(', entry)),
+        'copies': len(re.findall(r'\bcopy\(', entry)),
+    }
+
+
+def _memory(compiled: Any) -> dict[str, int]:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    keys = (
+        'argument_size_in_bytes',
+        'output_size_in_bytes',
+        'alias_size_in_bytes',
+        'temp_size_in_bytes',
+        'generated_code_size_in_bytes',
+    )
+    return {k: int(getattr(analysis, k)) for k in keys if hasattr(analysis, k)}
+
+
+class Runner:
+    """One method on one tree: its buffers, its compiled step and its timings."""
+
+    def __init__(self, name: str, tx: optax.GradientTransformation, shapes, grads):
+        keys = jax.random.split(jax.random.key(1), len(shapes))
+        self.params = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+        self.grads = grads
+        self.state = tx.init(self.params)
+        self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        self.num_params = sum(int(np.prod(s)) for s in shapes)
+
+        def step(params, grads, state):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        jitted = jax.jit(step, donate_argnums=(0, 2))
+        start = time.perf_counter()
+        compiled = jitted.lower(self.params, grads, self.state).compile()
+        self.compile_s = time.perf_counter() - start
+        self.hlo = _hlo_stats(compiled)
+        self.memory = _memory(compiled)
+        self.step = compiled
+        self.name = name
+        self.times: list[float] = []
+        self.run(2)  # warm up (page in the buffers)
+
+    def run(self, calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            self.params, self.state = self.step(self.params, self.grads, self.state)
+        jax.block_until_ready((self.params, self.state))
+        return (time.perf_counter() - start) / calls
+
+
+def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> dict[str, Any]:
+    keys = jax.random.split(jax.random.key(2), len(shapes))
+    grads = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+    runners = {name: Runner(name, make(), shapes, grads) for name, make in table.items()}
+    probe = runners['probe (p -= lr*g)']
+    calls = max(1, int(target_s / max(probe.run(3) * 20 / 12, 1e-6)))
+    for _ in range(rounds):
+        for runner in runners.values():
+            runner.times.append(runner.run(calls))
+    n = probe.num_params
+    probe_times = np.asarray(probe.times)
+    roofline = probe_times * 20 / 12  # per round
+    results = {}
+    for name, runner in runners.items():
+        times = np.asarray(runner.times)
+        per_round = times / roofline
+        entry = {
+            'median_ms': float(np.median(times) * 1e3),
+            'p25_ms': float(np.percentile(times, 25) * 1e3),
+            'p75_ms': float(np.percentile(times, 75) * 1e3),
+            'x_roofline_median': float(np.median(per_round)),
+            'x_roofline_p25': float(np.percentile(per_round, 25)),
+            'x_roofline_p75': float(np.percentile(per_round, 75)),
+            'bytes_per_param_moved_equiv': float(np.median(per_round) * 20),
+            'state_bytes_per_param': runner.state_bytes / n,
+            'hlo': runner.hlo,
+            'memory_analysis': runner.memory,
+            'calls_per_sample': calls,
+            'compile_s': runner.compile_s,
+        }
+        results[name] = entry
+    optax_times = np.asarray(runners['optax.lion'].times)
+    for name in results:
+        if name.startswith('lion_optax'):
+            paired = np.asarray(runners[name].times) / optax_times
+            results[name]['vs_optax_lion_median'] = float(np.median(paired))
+            results[name]['vs_optax_lion_p25'] = float(np.percentile(paired, 25))
+            results[name]['vs_optax_lion_p75'] = float(np.percentile(paired, 75))
+    del runners
+    return {
+        'num_params': n,
+        'num_leaves': len(shapes),
+        'rounds': rounds,
+        'roofline_ms': float(np.median(roofline) * 1e3),
+        'methods': results,
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = re.findall(r'model name\s*:\s*(.*)', f.read())
+        model = names[0] if names else model
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        'device': f'{device.platform}: {device.device_kind}',
+        'cpu_model': model,
+        'cpu_count': os.cpu_count(),
+        'jax': jax.__version__,
+        'optax': optax.__version__,
+        'python': platform.python_version(),
+        'load_average_at_start': os.getloadavg() if hasattr(os, 'getloadavg') else None,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        '# Lion step speed and memory',
+        '',
+        f'Machine: {report["machine"]["device"]}, {report["machine"]["cpu_model"]}, '
+        f'{report["machine"]["cpu_count"]} cores; jax {report["machine"]["jax"]}, '
+        f'optax {report["machine"]["optax"]}. Load average at start: '
+        f'{report["machine"]["load_average_at_start"]}.',
+        '',
+        'One jitted step + `optax.apply_updates`, params and state donated. '
+        'Roofline = probe (`p -= lr*g`, 12 B/param) x 20/12. Medians over interleaved '
+        'rounds [25-75 %]; ratios are per round, then the median.',
+        '',
+    ]
+    for tree_name, tree in report['trees'].items():
+        lines += [
+            f'## {tree_name}: {tree["num_params"]:,} params, {tree["num_leaves"]} leaves, '
+            f'roofline {tree["roofline_ms"]:.3f} ms',
+            '',
+            '| method | ms/step [25-75 %] | x roofline (20 B/param) | vs optax.lion | '
+            'state B/param | fusions | copies | temp MB |',
+            '|---|---|---|---|---|---|---|---|',
+        ]
+        for name, m in tree['methods'].items():
+            vs = (
+                (
+                    f'{m["vs_optax_lion_median"]:.2f} [{m["vs_optax_lion_p25"]:.2f}-'
+                    f'{m["vs_optax_lion_p75"]:.2f}]'
+                )
+                if 'vs_optax_lion_median' in m
+                else ''
+            )
+            temp = m['memory_analysis'].get('temp_size_in_bytes')
+            lines.append(
+                f'| {name} | {m["median_ms"]:.3f} [{m["p25_ms"]:.3f}-{m["p75_ms"]:.3f}] | '
+                f'{m["x_roofline_median"]:.2f} [{m["x_roofline_p25"]:.2f}-'
+                f'{m["x_roofline_p75"]:.2f}] | {vs} | {m["state_bytes_per_param"]:.3f} | '
+                f'{m["hlo"]["fusions"]} | {m["hlo"]["copies"]} | '
+                f'{"" if temp is None else f"{temp / 2**20:.1f}"} |'
+            )
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    big = {k: v for k, v in report['trees'].items() if v['num_leaves'] == 16}
+    sizes = sorted(big.values(), key=lambda t: t['num_params'])
+    x = [t['num_params'] for t in sizes]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, style in [
+        ('lion_optax.lion', 'o-'),
+        ('lion_optax.lion (no skip)', 'D-'),
+        ('lion_optax.lion bf16 mu', 'o--'),
+        ('lion_optax.lion int8 mu', 'o:'),
+        ('optax.lion', 's-'),
+        ('optax.adamw', '^-'),
+    ]:
+        if all(name in t['methods'] for t in sizes):
+            med = [t['methods'][name]['median_ms'] for t in sizes]
+            lo = [t['methods'][name]['p25_ms'] for t in sizes]
+            hi = [t['methods'][name]['p75_ms'] for t in sizes]
+            ax.errorbar(
+                x,
+                med,
+                yerr=[np.subtract(med, lo), np.subtract(hi, med)],
+                fmt=style,
+                capsize=3,
+                label=name,
+            )
+    ax.plot(x, [t['roofline_ms'] for t in sizes], 'k--', label='roofline (20 B/param)')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('parameters (16 float32 leaves)')
+    ax.set_ylabel('ms per step (median, 25-75 %)')
+    ax.set_title(
+        f'One step + apply_updates, {report["machine"]["cpu_model"]} '
+        f'({report["machine"]["cpu_count"]} cores)',
+        fontsize=10,
+    )
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--quick', action='store_true', help='small sizes, few rounds (< 2 min)')
+    parser.add_argument('--out', default='results/step_speed/', help='output folder')
+    parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds per size')
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (7 if args.quick else 25)
+    target = 0.01 if args.quick else 0.05  # seconds per timing sample (several calls if short)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {'machine': machine(), 'quick': args.quick, 'trees': {}}
+    table = methods(full=not args.quick)
+    start = time.perf_counter()
+    for tree_name, shapes in trees(args.quick).items():
+        report['trees'][tree_name] = bench_tree(tree_name, shapes, table, rounds, target)
+        print(f'{tree_name}: done after {time.perf_counter() - start:.0f} s', flush=True)
+    report['wall_seconds'] = time.perf_counter() - start
+    (out / 'step_speed.json').write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (out / 'step_speed.md').write_text(text)
+    plot(report, out / 'step_speed.png')
+    print(text)
+    print(
+        f'Wrote {out.resolve()} (step_speed.json, step_speed.md, step_speed.png) '
+        f'in {report["wall_seconds"]:.0f} s'
+    )
+    return out
+
+
+if __name__ == '__main__':
+    main()
