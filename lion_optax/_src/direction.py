@@ -100,8 +100,10 @@ def scale_by_lion(
     momentum,
     :math:`c_t = (\beta_1/\beta_2)\, m_t + ((\beta_2-\beta_1)/\beta_2)\, g_t`,
     which lets XLA update the momentum in place and read it once more instead
-    of copying it (2.5-4x faster on CPU). :math:`m_t` is bit-identical to the
-    reference; :math:`c_t` differs from the reference's float32 value by at
+    of copying it (measured on a 2-core CPU, 1M-64M parameters, without
+    ``skip_nonfinite``: 1.1-1.5x the memory roofline, 1.6-4x faster than
+    ``optax.lion``). :math:`m_t` is bit-identical to the reference;
+    :math:`c_t` differs from the reference's float32 value by at
     most :math:`9u\,(\beta_1|m_{t-1}| + (1-\beta_1)|g_t|)`, :math:`u = 2^{-24}`
     (about 3 roundings more than the reference's own error), so
     :math:`\mathrm{sign}(c_t)` can differ only where momentum and gradient

@@ -440,11 +440,6 @@ def encode_momentum(storage: MomentumStorage, value: jax.Array, word: Any) -> An
     return stochastic_round(value.astype(jnp.float32), storage.dtype, bits)
 
 
-def momentum_bytes(state_mu: Any) -> int:
-    """Bytes of a momentum tree (int8 values plus their scales counted)."""
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_mu)))
-
-
 # ---------------------------------------------------------------------------
 # Updates that land on low-precision parameters.
 
