@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 import lion_optax
 
-finite = st.floats(-10.0, 10.0, allow_nan=False, width=32)
+# No magnitudes below 1e-30: scaling them by 1e-3 would underflow to 0 (XLA:CPU
+# flushes subnormals), which changes sign(g) and is not what the property is about.
+finite = st.floats(-10.0, 10.0, allow_nan=False, width=32).filter(lambda x: x == 0 or abs(x) > 1e-30)
 
 
 @st.composite
