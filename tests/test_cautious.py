@@ -171,3 +171,21 @@ def test_alias_equals_hand_built_chain():
 def test_invalid_cautious_options_are_refused_when_built(kwargs, error):
     with pytest.raises(error, match='cautious'):
         lion_optax.scale_by_lion(**kwargs)
+
+
+def test_alias_passes_cautious_eps_through():
+    params = {'w': jnp.zeros(4)}
+    grads = {'w': jnp.array([1.0, -1.0, 1.0, -1.0])}
+    for eps in (1e-3, 0.5):
+        tx = lion_optax.lion(1.0, weight_decay=0.0, cautious=True, cautious_eps=eps)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        new = optax.apply_updates(params, updates)
+        # every coordinate agrees, so mean(phi) = 1 and each step is 1 / (1 + eps)
+        assert float(jnp.abs(new['w'][0])) == pytest.approx(1.0 / (1.0 + eps), rel=1e-6)
+
+
+def test_tiny_agreeing_values_are_not_masked_by_underflow():
+    tx = lion_optax.scale_by_lion(b1=0.0, kappa='clip', cautious=True)
+    g = jnp.array([1e-30, -1e-30])
+    direction, _ = tx.update(g, tx.init(jnp.zeros(2)))
+    assert bool(jnp.all(direction != 0))  # 1e-30 * 1e-30 underflows; signs do not

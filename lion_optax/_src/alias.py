@@ -24,6 +24,7 @@ def lion(
     *,
     kappa: str | kappa_lib.Kappa | Callable[..., Any] = 'sign',
     cautious: bool = False,
+    cautious_eps: float = 1e-3,
     weight_decay_convention: str = 'paper',
     reference_learning_rate: float | None = None,
     skip_nonfinite: bool = True,
@@ -65,6 +66,8 @@ def lion(
       kappa: the function replacing ``sign`` (see :func:`scale_by_lion`).
       cautious: Cautious Lion: keep only coordinates where the direction
         agrees with the gradient.
+      cautious_eps: the epsilon of the cautious normaliser
+        ``mean(phi) + eps`` (see :func:`scale_by_lion`).
       weight_decay_convention: ``'paper'`` (decay times :math:`\eta_t`, as in
         the paper and optax) or ``'fully_decoupled'`` (decay times
         :math:`\eta_t/\eta_{\mathrm{ref}}`, as lion-pytorch's
@@ -120,6 +123,7 @@ def lion(
         mu_dtype,
         kappa=kappa,
         cautious=cautious,
+        cautious_eps=cautious_eps,
         mu_rounding=mu_rounding,
         seed=seed,
         inside_skip_nonfinite=skip_nonfinite,

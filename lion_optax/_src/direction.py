@@ -289,7 +289,8 @@ def _cautious_mask(eps: float):
     """Returns ``(u, g) -> phi * u / (mean(phi) + eps)``, ``phi = 1[u * g > 0]``."""
 
     def mask(u: jax.Array, g: jax.Array) -> jax.Array:
-        agree = (u * g.astype(u.dtype) > 0).astype(u.dtype)
+        # sign(u) sign(g) is exact where the product u * g could underflow to 0.
+        agree = (jnp.sign(u) * jnp.sign(g).astype(u.dtype) > 0).astype(u.dtype)
         return agree * u / (jnp.mean(agree) + eps)
 
     return mask
