@@ -65,6 +65,16 @@ def latest_step(directory: str | os.PathLike[str]) -> int | None:
 
     Returns:
       The step number, or None.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, lion_optax
+      >>> folder = tempfile.mkdtemp()
+      >>> print(lion_optax.latest_step(folder))
+      None
+      >>> _ = lion_optax.save_checkpoint(folder, 3, {'w': jnp.zeros(2)})
+      >>> _ = lion_optax.save_checkpoint(folder, 7, {'w': jnp.ones(2)})
+      >>> lion_optax.latest_step(folder)
+      7
     """
     path = pathlib.Path(directory)
     if not path.is_dir():
@@ -100,6 +110,14 @@ def save_checkpoint(
     Raises:
       TypeError: a leaf is not an array or a scalar.
       FileExistsError: ``step`` exists and ``overwrite`` is False.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, lion_optax
+      >>> params = {'w': jnp.ones(3)}
+      >>> opt_state = lion_optax.lion(1e-3).init(params)
+      >>> folder = tempfile.mkdtemp()
+      >>> lion_optax.save_checkpoint(folder, 5, {'params': params, 'opt_state': opt_state}).name
+      '5'
     """
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 

@@ -514,6 +514,14 @@ def distributed_init(
 
     Returns:
       ``(state, state_specs)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lion_optax
+      >>> mesh = jax.make_mesh((jax.device_count(),), ('data',))
+      >>> tx = lion_optax.distributed_lion(1e-3, axis_name='data')
+      >>> state, specs = lion_optax.distributed_init(tx, {'w': jnp.ones(4)}, mesh)
+      >>> jax.tree.leaves(state)[1].shape  # one momentum per worker, stacked
+      (4,)
     """
     if axis_name not in mesh.axis_names:
         raise ValueError(f'axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}.')
