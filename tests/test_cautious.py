@@ -15,20 +15,17 @@ from absl.testing import parameterized
 import lion_optax
 from lion_optax._src.reference import lion_reference
 
-from _helpers import from_leaves, random_grads, random_params, rounding_for, to_leaves
+from _helpers import (
+    from_leaves,
+    random_grads,
+    random_params,
+    rounding_for,
+    run_trajectory,
+    to_leaves,
+)
 
 STEPS = 20
 LR, WD = 1e-2, 0.1
-
-
-def _trajectory(tx, params, grads, update):
-    state = tx.init(params)
-    history = []
-    for g in grads:
-        updates, state = update(g, state, params)
-        params = optax.apply_updates(params, updates)
-        history.append(params)
-    return history, state
 
 
 class CautiousReferenceTest(chex.TestCase):
@@ -44,7 +41,7 @@ class CautiousReferenceTest(chex.TestCase):
         tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa, cautious=True,
                              skip_nonfinite=False)
         params, grads = random_params(0), random_grads(1, STEPS)
-        history, state = _trajectory(tx, params, grads, self.variant(tx.update))
+        history, state = run_trajectory(tx, params, grads, update_fn=self.variant(tx.update))
         reference = lion_reference(to_leaves(params), [to_leaves(g) for g in grads],
                                    learning_rate=LR, weight_decay=WD, cautious=True,
                                    **reference_kwargs)
@@ -158,8 +155,8 @@ def test_alias_equals_hand_built_chain():
                           lion_optax.add_decoupled_weight_decay(0.2),
                           optax.scale_by_learning_rate(lr))
     params, grads = random_params(5), random_grads(6, 10)
-    chex.assert_trees_all_equal(_trajectory(alias, params, grads, jax.jit(alias.update))[0],
-                                _trajectory(chained, params, grads, jax.jit(chained.update))[0])
+    chex.assert_trees_all_equal(run_trajectory(alias, params, grads, update_fn=jax.jit(alias.update))[0],
+                                run_trajectory(chained, params, grads, update_fn=jax.jit(chained.update))[0])
 
 
 @pytest.mark.parametrize('kwargs,error', [

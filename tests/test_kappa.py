@@ -13,7 +13,14 @@ from absl.testing import parameterized
 import lion_optax
 from lion_optax._src.reference import lion_reference
 
-from _helpers import from_leaves, random_grads, random_params, rounding_for, to_leaves
+from _helpers import (
+    from_leaves,
+    random_grads,
+    random_params,
+    rounding_for,
+    run_trajectory,
+    to_leaves,
+)
 
 STEPS = 20
 BF16_STEPS = 12
@@ -55,14 +62,8 @@ class ReferenceTrajectoryTest(chex.TestCase):
         rtol=1e-5, atol=1e-6 over 20 steps (a wrong kappa is off by ~lr).
         """
         tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa, skip_nonfinite=False)
-        update = self.variant(tx.update)
         params, grads = random_params(0), random_grads(1, STEPS)
-        state = tx.init(params)
-        history = []
-        for g in grads:
-            updates, state = update(g, state, params)
-            params = optax.apply_updates(params, updates)
-            history.append(params)
+        history, state = run_trajectory(tx, params, grads, update_fn=self.variant(tx.update))
         reference = lion_reference(
             to_leaves(random_params(0)), [to_leaves(g) for g in grads],
             learning_rate=LR, weight_decay=WD, **reference_kwargs,
