@@ -11,7 +11,7 @@ from lion_optax._src import kappa as kappa_lib
 from lion_optax._src import precision, validation
 from lion_optax._src.direction import lion_direction
 from lion_optax._src.nonfinite import skip_nonfinite as skip_nonfinite_wrapper
-from lion_optax._src.weight_decay import add_decoupled_weight_decay
+from lion_optax._src.weight_decay import weight_decay_for_learning_rate
 
 
 def lion(
@@ -103,17 +103,6 @@ def lion(
       <https://arxiv.org/abs/2302.06675>`_, 2023.
     """
     validation.check_nonnegative('learning_rate', learning_rate)
-    validation.check_choice(
-        'weight_decay_convention', weight_decay_convention, ('paper', 'fully_decoupled')
-    )
-    if weight_decay_convention == 'fully_decoupled' and reference_learning_rate is None:
-        if callable(learning_rate):
-            raise ValueError(
-                "weight_decay_convention='fully_decoupled' with a learning-rate "
-                'schedule needs reference_learning_rate (the lr_ref in '
-                "lr_t / lr_ref, usually the schedule's peak). Pass it explicitly."
-            )
-        reference_learning_rate = learning_rate
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f'skip_nonfinite must be True or False, got {skip_nonfinite!r}.')
     validation.check_choice('param_rounding', param_rounding, precision.ROUNDING_MODES)
@@ -130,8 +119,9 @@ def lion(
     )
     stages = [
         direction,
-        add_decoupled_weight_decay(
+        weight_decay_for_learning_rate(
             weight_decay,
+            learning_rate,
             convention=weight_decay_convention,
             reference_learning_rate=reference_learning_rate,
             mask=mask,

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from lion_optax._src import kappa as kappa_lib
 from lion_optax._src import nonfinite, validation
 from lion_optax._src.direction import scale_by_lion
-from lion_optax._src.weight_decay import add_decoupled_weight_decay
+from lion_optax._src.weight_decay import weight_decay_for_learning_rate
 
 METHODS = ('vote', 'average')
 
@@ -426,11 +426,8 @@ def distributed_lion(
     """
     validation.check_nonnegative('learning_rate', learning_rate)
     validation.check_choice('method', method, METHODS)
-    validation.check_choice(
-        'weight_decay_convention', weight_decay_convention, ('paper', 'fully_decoupled')
-    )
     resolved = kappa_lib.resolve_kappa(kappa)
-    if resolved.name != 'sign':
+    if not kappa_lib.is_sign(resolved):
         raise ValueError(
             f'distributed_lion: kappa={kappa!r} ({resolved.name}) is not a sign. '
             "Distributed Lion sends each worker's direction as signs, so only "
@@ -439,19 +436,13 @@ def distributed_lion(
         )
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f'skip_nonfinite must be True or False, got {skip_nonfinite!r}.')
-    if weight_decay_convention == 'fully_decoupled' and reference_learning_rate is None:
-        if callable(learning_rate):
-            raise ValueError(
-                "weight_decay_convention='fully_decoupled' with a learning-rate "
-                'schedule needs reference_learning_rate (usually the peak). Pass it.'
-            )
-        reference_learning_rate = learning_rate
     transformation = optax.chain(
         _check_local_gradients(axis_name),
         scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype, kappa='sign'),
         aggregate_signs(axis_name, method=method),
-        add_decoupled_weight_decay(
+        weight_decay_for_learning_rate(
             weight_decay,
+            learning_rate,
             convention=weight_decay_convention,
             reference_learning_rate=reference_learning_rate,
             mask=mask,

@@ -144,3 +144,33 @@ def add_decoupled_weight_decay(
     if mask is not None:
         return optax.masked(transformation, mask)
     return transformation
+
+
+def weight_decay_for_learning_rate(
+    weight_decay: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    convention: str,
+    reference_learning_rate: float | None,
+    mask: Any | Callable[[optax.Params], Any] | None,
+) -> optax.GradientTransformation:
+    """:func:`add_decoupled_weight_decay` as the optimizer aliases configure it.
+
+    For ``'fully_decoupled'`` the reference learning rate defaults to a constant
+    ``learning_rate``; with a schedule it must be given.
+    """
+    validation.check_choice('weight_decay_convention', convention, WEIGHT_DECAY_CONVENTIONS)
+    if convention == 'fully_decoupled' and reference_learning_rate is None:
+        if callable(learning_rate):
+            raise ValueError(
+                "weight_decay_convention='fully_decoupled' with a learning-rate "
+                'schedule needs reference_learning_rate (the lr_ref in '
+                "lr_t / lr_ref, usually the schedule's peak). Pass it explicitly."
+            )
+        reference_learning_rate = learning_rate
+    return add_decoupled_weight_decay(
+        weight_decay,
+        convention=convention,
+        reference_learning_rate=reference_learning_rate,
+        mask=mask,
+    )
