@@ -5,7 +5,7 @@ The public API, grouped by concept; each name lives in one ``_src`` module.
 
 # The optimizer and its pieces: direction -> weight decay -> learning rate.
 from lion_optax._src.alias import lion
-from lion_optax._src.direction import ScaleByLionState, scale_by_lion
+from lion_optax._src.direction import ScaleByLionInt8State, ScaleByLionState, scale_by_lion
 from lion_optax._src.nonfinite import SkipNonfiniteState, skip_nonfinite
 from lion_optax._src.schedules import LionHyperparameters, adamw_to_lion, warmup_cosine_schedule
 from lion_optax._src.weight_decay import AddDecoupledWeightDecayState, add_decoupled_weight_decay
@@ -30,13 +30,9 @@ from lion_optax._src.monitors import (
 )
 
 # Precision: low-precision momentum and parameters.
-from lion_optax._src.precision import (
-    Int8Momentum,
-    QuantizedMomentum,
-    RoundUpdatesToParamsState,
-    round_updates_to_params,
-    stochastic_round,
-)
+from lion_optax._src.momentum_storage import Int8Momentum
+from lion_optax._src.param_rounding import RoundUpdatesToParamsState, round_updates_to_params
+from lion_optax._src.rounding import stochastic_round
 
 # Distribution: sharding over a mesh and Distributed Lion.
 from lion_optax._src.distributed import (
@@ -74,8 +70,8 @@ __all__ = [
     'Int8Momentum',
     'Kappa',
     'LionHyperparameters',
-    'QuantizedMomentum',
     'RoundUpdatesToParamsState',
+    'ScaleByLionInt8State',
     'ScaleByLionState',
     'SignLayout',
     'SignMonitorState',

@@ -216,7 +216,7 @@ def checks() -> dict:
             key = f'{mesh_name}_{method}'
             out[f'history_{key}'] = history
             out[f'param_sharding_{key}'] = {k: str(v.sharding.spec) for k, v in params.items()}
-            mu = state.inner_state[1].mu
+            mu = state[1].mu
             out[f'mu_shape_{key}'] = {k: list(v.shape) for k, v in mu.items()}
             out[f'mu_local_shape_{key}'] = {
                 k: list(v.addressable_shards[0].data.shape) for k, v in mu.items()
@@ -246,8 +246,8 @@ def checks() -> dict:
             )
         out[f'identical_grads_maxdiff_{method}'] = diff
 
-    # A NaN on one worker skips the step on every worker.
-    tx = lion_optax.distributed_lion(**hyper)
+    # A NaN on one worker skips the step on every worker (nonfinite='skip_step').
+    tx = lion_optax.distributed_lion(**hyper, nonfinite='skip_step')
     params = {k: jax.device_put(v, NamedSharding(mesh, P())) for k, v in params_np.items()}
     step, state = _shard_map_step(mesh, tx, params, None)
     bad = {k: v.copy() for k, v in grads_np[0].items()}
@@ -256,10 +256,54 @@ def checks() -> dict:
     out['nan_params_unchanged'] = all(
         bool(np.array_equal(np.asarray(new_params[k]), params_np[k])) for k in params_np
     )
-    out['nan_skipped_steps'] = int(new_state.skipped_steps)
-    out['nan_mu_all_zero'] = all(
-        bool(np.all(np.asarray(v) == 0)) for v in new_state.inner_state[1].mu.values()
+    out['nan_step_count'] = int(new_state[1].count)
+    out['nan_mu_all_zero'] = all(bool(np.all(np.asarray(v) == 0)) for v in new_state[1].mu.values())
+
+    # By default the bad element counts as zero on its worker only.
+    tx = lion_optax.distributed_lion(**hyper)
+    step, state = _shard_map_step(mesh, tx, params, None)
+    new_params, _ = step(params, state, stacked(bad, mesh))
+    out['nan_zero_params_finite'] = all(
+        bool(np.isfinite(np.asarray(v)).all()) for v in new_params.values()
     )
+    out['nan_zero_params_replicated'] = all(
+        all(np.array_equal(np.asarray(s.data), np.asarray(v.addressable_shards[0].data))
+            for s in v.addressable_shards)
+        for v in new_params.values()
+    )
+    out['nan_zero_params_moved'] = any(
+        not np.array_equal(np.asarray(new_params[k]), params_np[k]) for k in params_np
+    )
+
+    # bf16 and int8 momentum, one per worker; identical gradients give plain Lion.
+    for mu_dtype in ('bfloat16', 'int8'):
+        storage = jnp.bfloat16 if mu_dtype == 'bfloat16' else lion_optax.Int8Momentum(
+            block_size=5, min_quantized_size=16
+        )
+        for method in ('vote', 'average'):
+            tx = lion_optax.distributed_lion(**hyper, method=method, mu_dtype=storage)
+            plain = lion_optax.lion(**hyper, mu_dtype=storage)
+            params = {k: jax.device_put(v, NamedSharding(mesh, P())) for k, v in params_np.items()}
+            step, state = _shard_map_step(mesh, tx, params, None)
+            ref_params = {k: jnp.asarray(v) for k, v in params_np.items()}
+            ref_state = plain.init(ref_params)
+            diff = 0.0
+            for g in grads_np:
+                same = {k: np.broadcast_to(v[0], v.shape) for k, v in g.items()}
+                params, state = step(params, state, stacked(same, mesh))
+                updates, ref_state = jax.jit(plain.update)(
+                    {k: v[0] for k, v in g.items()}, ref_state, ref_params
+                )
+                ref_params = jax.tree.map(jnp.add, ref_params, updates)
+                diff = max(diff, max(
+                    float(np.max(np.abs(np.asarray(params[k]) - ref_params[k]))) for k in params
+                ))
+            mu = state[1].mu['w']
+            out[f'low_precision_{mu_dtype}_{method}'] = {
+                'maxdiff_vs_lion': diff,
+                'mu_dtype': str(mu.dtype),
+                'mu_local_shape': list(mu.addressable_shards[0].data.shape),
+            }
 
     # Traffic, from the compiled HLO of the optimizer step, against an fp32 all-reduce.
     big = {'w': np.zeros((192, 256), np.float32), 'b': np.zeros((256,), np.float32)}
@@ -286,6 +330,10 @@ def checks() -> dict:
         )
         out[f'traffic_fp32_allreduce_{n}'] = lion_optax.bytes_sent_per_device(
             allreduce.lower(grads).compile()
+        )
+        tx = lion_optax.distributed_lion(0.01, nonfinite='skip_step')
+        out[f'traffic_vote_skip_step_{n}'] = lion_optax.bytes_sent_per_device(
+            _abstract_step(sub, tx, params, grads)
         )
         for method in ('vote', 'average'):
             tx = lion_optax.distributed_lion(0.01, method=method)

@@ -1,11 +1,13 @@
-"""Lion on a 2-D device mesh; run as a subprocess by test_sharding.py.
+"""Lion on a device mesh; run as a subprocess by test_sharding.py.
 
-``python _multidevice_sharding.py OUT.json``: one process, 8 CPU devices on a
-(data=2, model=4) mesh. Runs ``lion_optax.lion`` on sharded parameters with
-Auto and Explicit meshes (with and without ``jax.set_mesh``), eagerly and
-jitted ``init``; the global-norm and cautious variants; and the ZeRO-style
-``shard_optimizer_state``. Writes every number the tests assert on to OUT.json;
-the assertions live in test_sharding.py.
+``python _multidevice_sharding.py OUT.json``: one process, 8 CPU devices. Runs
+``lion_optax.lion`` on sharded parameters on a (data=2, model=4) mesh with Auto
+and Explicit axes (with and without ``jax.set_mesh``), eagerly and jitted
+``init``; every momentum storage (float32, bfloat16, float16, int8) under every
+layout (FSDP, tensor-parallel, 2-D, replicated); the global-norm and cautious
+variants; and the ZeRO-style ``shard_optimizer_state`` with float32 and int8
+momentum. Writes every number the tests assert on to OUT.json; the assertions
+live in test_sharding.py.
 """
 
 from __future__ import annotations
@@ -83,13 +85,11 @@ def _single_device(tx, params, grads):
     for g in grads:
         updates, state = update(g, state, params)
         params = optax.apply_updates(params, updates)
-    return {k: np.asarray(v) for k, v in params.items()}
+    return {k: np.asarray(v, np.float64) for k, v in params.items()}
 
 
 def _mu(state):
-    if hasattr(state, 'inner_state'):  # lion = skip_nonfinite(chain(scale_by_lion, ...))
-        state = state.inner_state
-    return state[0].mu
+    return state[0].mu  # lion's state is optax.lion's: (ScaleByLionState, ...)
 
 
 def sharded_lion(mesh_kind: str) -> dict:
@@ -125,11 +125,13 @@ def sharded_lion(mesh_kind: str) -> dict:
         grads = [put(g) for g in grads_np]
         compiled = update.lower(grads[0], state, params).compile()
         out['update_collectives'] = _describe(lion_optax.hlo_collectives(compiled))
-        bare = lion_optax.lion(1e-2, weight_decay=0.1, skip_nonfinite=False)
+        skipping = lion_optax.lion(1e-2, weight_decay=0.1, nonfinite='skip_step')
         compiled = (
-            jax.jit(bare.update).lower(grads[0], jax.jit(bare.init)(params), params).compile()
+            jax.jit(skipping.update)
+            .lower(grads[0], jax.jit(skipping.init)(params), params)
+            .compile()
         )
-        out['update_collectives_no_skip'] = _describe(lion_optax.hlo_collectives(compiled))
+        out['update_collectives_skip_step'] = _describe(lion_optax.hlo_collectives(compiled))
         out['steps_state_same'] = []
         out['steps_params_same'] = []
         for g in grads:
@@ -169,7 +171,7 @@ def variants() -> dict:
         'l2_leaf': dict(kappa='l2'),
         'cautious': dict(cautious=True),
     }.items():
-        tx = lion_optax.lion(1e-2, **options, skip_nonfinite=False)
+        tx = lion_optax.lion(1e-2, **options)
         state = jax.jit(tx.init)(params)
         compiled = jax.jit(tx.update).lower(grads, state, params).compile()
         out[name] = _describe(lion_optax.hlo_collectives(compiled))
@@ -178,6 +180,79 @@ def variants() -> dict:
         out[name + '_max_diff'] = max(
             float(np.max(np.abs(np.asarray(updates[k]) - np.asarray(single[k])))) for k in params
         )
+    return out
+
+
+def _momentum_bytes(state, leaf: str, per_device: bool) -> int:
+    import lion_optax
+
+    inner = state[0]
+    arrays = [inner.mu[leaf]] + ([inner.mu_scales[leaf]] if hasattr(inner, 'mu_scales') else [])
+    return lion_optax.tree_bytes(arrays, per_device=per_device)
+
+
+def storages() -> dict:
+    """Every momentum storage under every parameter layout: per-device bytes, traffic, results.
+
+    The big leaf 'w' (64 x 256) is sharded by the layout; the bias stays
+    replicated. Reported per storage and layout: the momentum's (codes and
+    scales for int8) bytes on one device over its total, after an eager
+    init, a jitted init and every update; the update's collectives; and the
+    largest difference of the parameters from a one-device run.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lion_optax
+
+    rng = np.random.default_rng(1)
+    params_np = {'w': rng.normal(size=(64, 256)).astype(np.float32),
+                 'b': rng.normal(size=(256,)).astype(np.float32)}
+    grads_np = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params_np.items()}
+                for _ in range(STEPS)]
+    line = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    grid = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    layouts = {
+        'fsdp': (line, P('data', None)),
+        'tensor_parallel': (line, P(None, 'data')),
+        '2d': (grid, P('data', 'model')),
+        'replicated': (line, P()),
+    }
+    out: dict = {}
+    storages = {'float32': None, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16, 'int8': 'int8'}
+    for storage, mu_dtype in storages.items():
+        tx = lion_optax.lion(1e-2, weight_decay=0.1, mu_dtype=mu_dtype)
+        expected = _single_device(tx, params_np, grads_np)
+        for layout, (mesh, spec) in layouts.items():
+            shardings = {'w': NamedSharding(mesh, spec), 'b': NamedSharding(mesh, P())}
+
+            def put(tree, shardings=shardings):
+                return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+
+            params = put(params_np)
+            fractions = []
+            for state in (tx.init(params), jax.jit(tx.init)(params)):
+                fractions.append(_momentum_bytes(state, 'w', True) / _momentum_bytes(state, 'w', False))
+            update = jax.jit(tx.update)
+            compiled = update.lower(put(grads_np[0]), state, params).compile()
+            for g in grads_np:
+                updates, state = update(put(g), state, params)
+                params = optax.apply_updates(params, updates)
+                fractions.append(_momentum_bytes(state, 'w', True) / _momentum_bytes(state, 'w', False))
+            out[f'{storage}/{layout}'] = {
+                'devices_holding_w': len(mesh.devices.flat) if spec != P() else 1,
+                'fractions': fractions,
+                'collectives': _describe(lion_optax.hlo_collectives(compiled)),
+                'max_diff_vs_single_device': max(
+                    float(np.max(np.abs(np.asarray(params[k], np.float64) - expected[k])))
+                    for k in params
+                ),
+                'param_sharding_kept': params['w'].sharding.is_equivalent_to(shardings['w'], 2),
+            }
     return out
 
 
@@ -234,6 +309,39 @@ def zero() -> dict:
     return out
 
 
+def zero_int8() -> dict:
+    """ZeRO-style with int8 momentum: codes and scales both split along 'data'."""
+    import jax
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lion_optax
+
+    rng = np.random.default_rng(2)
+    params_np = {'w': rng.normal(size=(64, 256)).astype(np.float32)}
+    grads_np = [{'w': rng.normal(size=(64, 256)).astype(np.float32)} for _ in range(STEPS)]
+    mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    replicated = NamedSharding(mesh, P())
+    plain = lion_optax.lion(1e-2, weight_decay=0.1, mu_dtype='int8')
+    tx = lion_optax.shard_optimizer_state(plain, 'data', mesh=mesh)
+    params = {k: jax.device_put(v, replicated) for k, v in params_np.items()}
+    state = jax.jit(tx.init)(params)
+    out = {'fractions': [_momentum_bytes(state, 'w', True) / _momentum_bytes(state, 'w', False)]}
+    update = jax.jit(tx.update)
+    for g in grads_np:
+        updates, state = update({k: jax.device_put(v, replicated) for k, v in g.items()},
+                                state, params)
+        params = optax.apply_updates(params, updates)
+        out['fractions'].append(_momentum_bytes(state, 'w', True) / _momentum_bytes(state, 'w', False))
+    expected = _single_device(plain, params_np, grads_np)
+    out['max_diff_vs_single_device'] = float(
+        np.max(np.abs(np.asarray(params['w'], np.float64) - expected['w']))
+    )
+    return out
+
+
 def main() -> None:
     _setup()
     import jax
@@ -241,7 +349,9 @@ def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     result = {kind: sharded_lion(kind) for kind in ('auto', 'explicit', 'explicit_set_mesh')}
     result['variants'] = variants()
+    result['storages'] = storages()
     result['zero'] = zero()
+    result['zero_int8'] = zero_int8()
     with open(sys.argv[1], 'w') as f:
         json.dump(result, f, indent=1)
 

@@ -38,8 +38,7 @@ class CautiousReferenceTest(chex.TestCase):
     def test_float32_trajectory_equals_reference(self, kappa, reference_kwargs):
         """20 free-running steps; float32 vs float64 rounding only (see test_kappa).
         The mask acts on kappa(c) whatever kappa is: a global one shown here."""
-        tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa, cautious=True,
-                             skip_nonfinite=False)
+        tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa, cautious=True)
         params, grads = random_params(0), random_grads(1, STEPS)
         history, state = run_trajectory(tx, params, grads, update_fn=self.variant(tx.update))
         reference = lion_reference(to_leaves(params), [to_leaves(g) for g in grads],
@@ -59,7 +58,7 @@ class CautiousReferenceTest(chex.TestCase):
         |d| <= 1 / (mean(phi) + eps) + wd |p|; where c is zero up to rounding the
         sign (and so the mask and the mean) may differ: that array's step may
         differ by its whole size."""
-        tx = lion_optax.lion(LR, weight_decay=WD, cautious=True, skip_nonfinite=False)
+        tx = lion_optax.lion(LR, weight_decay=WD, cautious=True)
         update = jax.jit(tx.update)
         params = random_params(0, jnp.bfloat16)
         state = tx.init(params)
@@ -138,7 +137,7 @@ def test_cautious_keeps_the_momentum_of_plain_lion():
 
 def test_decay_still_applies_to_masked_coordinates():
     """The mask acts on the direction only: weight decay shrinks every weight."""
-    tx = lion_optax.lion(0.1, weight_decay=0.5, cautious=True, skip_nonfinite=False)
+    tx = lion_optax.lion(0.1, weight_decay=0.5, cautious=True)
     params = {'w': jnp.array([2.0, 2.0])}
     state = tx.init(params)
     _, state = tx.update({'w': jnp.array([1.0, 1.0])}, state, params)
@@ -150,7 +149,7 @@ def test_decay_still_applies_to_masked_coordinates():
 
 def test_alias_equals_hand_built_chain():
     lr = optax.schedules.cosine_decay_schedule(1e-2, 10)
-    alias = lion_optax.lion(lr, weight_decay=0.2, cautious=True, skip_nonfinite=False)
+    alias = lion_optax.lion(lr, weight_decay=0.2, cautious=True)
     chained = optax.chain(lion_optax.scale_by_lion(cautious=True),
                           lion_optax.add_decoupled_weight_decay(0.2),
                           optax.scale_by_learning_rate(lr))

@@ -20,7 +20,8 @@ import lion_optax
 
 VARIANTS = {
     'lion': lion_optax.lion,
-    'lion_no_skip': functools.partial(lion_optax.lion, skip_nonfinite=False),
+    'lion_skip_step': functools.partial(lion_optax.lion, nonfinite='skip_step'),
+    'lion_propagate': functools.partial(lion_optax.lion, nonfinite='propagate'),
     'lion_bf16_momentum': functools.partial(lion_optax.lion, mu_dtype=jnp.bfloat16),
     'lion_bf16_momentum_nearest': functools.partial(
         lion_optax.lion, mu_dtype=jnp.bfloat16, mu_rounding='nearest'
@@ -193,16 +194,15 @@ def test_jit_with_donated_buffers(name):
 
 @variants
 def test_map_params_reaches_the_momentum(name):
-    if 'int8' in name:
-        pytest.skip('int8 momentum is stored as (blocks, block_size) values plus scales, '
-                    'not in the parameters\' shapes: map_params cannot reach it (documented).')
     params, _ = _problem()
     tx = VARIANTS[name](**HYPERPARAMS)
     state = tx.init(params)
     shapes = optax.tree.map_params(tx, lambda v: jnp.zeros(v.shape + (1,)), state)
-    for mu in optax.tree.get_all_with_path(shapes, 'mu'):
-        for leaf, param in zip(jax.tree.leaves(mu[1]), jax.tree.leaves(params)):
-            assert leaf.shape == param.shape + (1,)
+    for key in ('mu', 'mu_scales'):  # int8 momentum: codes and scales both reached
+        for _, tree in optax.tree.get_all_with_path(shapes, key):
+            for leaf, stored in zip(jax.tree.leaves(tree), jax.tree.leaves(optax.tree.get(state, key))):
+                assert leaf.shape == stored.shape + (1,)
+    assert optax.tree.get_all_with_path(shapes, 'mu')
 
 
 @variants

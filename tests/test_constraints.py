@@ -187,8 +187,7 @@ def _run(kappa, x0, target, curvature):
     """Trajectories of lion on the quadratic, one per final lr in FINAL_LRS (one compile)."""
 
     def one(final_lr):
-        tx = lion_optax.lion(_schedule(final_lr), weight_decay=LAM, kappa=kappa,
-                             skip_nonfinite=False)
+        tx = lion_optax.lion(_schedule(final_lr), weight_decay=LAM, kappa=kappa)
 
         def step(carry, _):
             x, state = carry

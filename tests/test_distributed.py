@@ -204,9 +204,9 @@ def test_one_worker_equals_lion_with_schedule_mask_and_bf16_momentum(method):
         mask={'w': True, 'b': False},
     )
     history, state = _one_worker_run(
-        lion_optax.distributed_lion(**options, method=method), params, grads
+        lion_optax.distributed_lion(**options, method=method, nonfinite='skip_step'), params, grads
     )
-    plain = lion_optax.lion(**options)
+    plain = lion_optax.lion(**options, nonfinite='skip_step')
     plain_state = plain.init(params)
     plain_update = jax.jit(plain.update)
     expected = params
@@ -215,8 +215,8 @@ def test_one_worker_equals_lion_with_schedule_mask_and_bf16_momentum(method):
         expected = optax.apply_updates(expected, updates)
         for k in params:
             np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-6)
-    assert int(state.skipped_steps) == 1
-    assert state.inner_state[1].mu['w'].dtype == jnp.bfloat16
+    assert state[1].mu['w'].dtype == jnp.bfloat16
+    assert int(state[1].count) == 5  # the step with an Inf was skipped
 
 
 # --- validation --------------------------------------------------------------
@@ -263,8 +263,8 @@ def test_worker_state_specs_stack_arrays_and_replicate_scalars():
     specs = lion_optax.worker_state_specs(jax.eval_shape(tx.init, {'w': jnp.ones((2, 3))}), 'dp')
     leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
     assert P('dp') in leaves and P() in leaves
-    assert specs.inner_state[1].mu == {'w': P('dp')}
-    assert specs.skipped_steps == P()
+    assert specs[1].mu == {'w': P('dp')}
+    assert specs[1].count == P()
 
 
 # --- eight devices in a subprocess -------------------------------------------
@@ -327,10 +327,30 @@ def test_identical_gradients_on_every_worker_equal_lion(eight_devices, method):
 
 
 def test_a_nonfinite_gradient_on_one_worker_skips_the_step_everywhere(eight_devices):
+    """nonfinite='skip_step': one 4-byte all-reduce makes every worker skip."""
     d = eight_devices
     assert d['nan_params_unchanged']
-    assert d['nan_skipped_steps'] == 1
+    assert d['nan_step_count'] == 0
     assert d['nan_mu_all_zero']
+
+
+def test_by_default_a_nonfinite_element_counts_as_zero_on_its_worker(eight_devices):
+    """The default: that worker votes with its momentum alone there; params stay
+    finite and identical on every worker, and no extra collective is needed."""
+    d = eight_devices
+    assert d['nan_zero_params_finite'] and d['nan_zero_params_replicated']
+    assert d['nan_zero_params_moved']
+
+
+@pytest.mark.parametrize('mu_dtype', ['bfloat16', 'int8'])
+@pytest.mark.parametrize('method', ['vote', 'average'])
+def test_low_precision_momentum_per_worker(eight_devices, mu_dtype, method):
+    """bf16 and int8 momentum work in Distributed Lion: one momentum (codes and
+    scales for int8) per worker, and identical gradients give plain Lion's numbers."""
+    d = eight_devices[f'low_precision_{mu_dtype}_{method}']
+    assert d['maxdiff_vs_lion'] <= 1e-6
+    assert d['mu_dtype'] == ('int8' if mu_dtype == 'int8' else 'bfloat16')
+    assert d['mu_local_shape'] == [6, 5]
 
 
 @pytest.mark.parametrize('method', ['vote', 'average'])
@@ -340,19 +360,19 @@ def test_compiled_traffic_is_compressed_and_flat(eight_devices, method):
     sent = d[f'traffic_{method}_8']
     np.testing.assert_allclose(fp32, 2 * 7 / 8 * 4 * d['traffic_num_params'])
     assert sent * 6 <= fp32, (sent, fp32)
-    # Only packed uint32 words travel, plus the 4-byte int32 "all finite" vote.
-    assert d[f'collective_dtypes_{method}_8'] == ['s32', 'u32']
+    # Only packed uint32 words travel (the default non-finite guard sends nothing).
+    assert d[f'collective_dtypes_{method}_8'] == ['u32']
     kinds = sorted(c[0] for c in d[f'collectives_{method}_8'])
-    assert kinds == ['all-gather', 'all-reduce', 'all-to-all']
-    (all_reduce,) = [c for c in d[f'collectives_{method}_8'] if c[0] == 'all-reduce']
-    assert all_reduce[1] == 4.0
+    assert kinds == ['all-gather', 'all-to-all']
     for n in (2, 8):
-        # The HLO agrees with the analysis of sign_layout (plus the pmin).
+        # The HLO agrees with the analysis of sign_layout.
+        np.testing.assert_allclose(d[f'traffic_{method}_{n}'], d[f'layout_bytes_{method}_{n}'])
+        np.testing.assert_allclose(d[f'traffic_fp32_allreduce_{n}'], d[f'layout_fp32_{n}'])
+        # nonfinite='skip_step' adds one 4-byte all-reduce (the pmin of "all finite").
         pmin = 2 * (n - 1) / n * 4
         np.testing.assert_allclose(
-            d[f'traffic_{method}_{n}'], d[f'layout_bytes_{method}_{n}'] + pmin
+            d[f'traffic_vote_skip_step_{n}'], d[f'layout_bytes_vote_{n}'] + pmin
         )
-        np.testing.assert_allclose(d[f'traffic_fp32_allreduce_{n}'], d[f'layout_fp32_{n}'])
     # Per-device bytes grow only by the (n-1)/n factor from 2 to 8 workers for the
     # vote (an all_gather of everyone's signs would grow 7x).
     growth = d[f'traffic_{method}_8'] / d[f'traffic_{method}_2']

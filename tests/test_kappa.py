@@ -61,7 +61,7 @@ class ReferenceTrajectoryTest(chex.TestCase):
         relative, and steps of size lr = 1e-2 accumulate that to well under
         rtol=1e-5, atol=1e-6 over 20 steps (a wrong kappa is off by ~lr).
         """
-        tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa, skip_nonfinite=False)
+        tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa)
         params, grads = random_params(0), random_grads(1, STEPS)
         history, state = run_trajectory(tx, params, grads, update_fn=self.variant(tx.update))
         reference = lion_reference(
@@ -104,7 +104,7 @@ class ReferenceTrajectoryTest(chex.TestCase):
         is zero up to rounding, a kappa with a jump at 0 may go either way:
         2 lr (1 + wd |p|) more.
         """
-        tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa, skip_nonfinite=False)
+        tx = lion_optax.lion(LR, weight_decay=WD, kappa=kappa)
         update = variant(tx.update)
         params = random_params(0, jnp.bfloat16)
         grads = random_grads(1, BF16_STEPS, jnp.bfloat16)
@@ -170,7 +170,7 @@ class OptaxParityTest(chex.TestCase):
     def test_lion_equals_optax_chain(self, mode):
         """The whole optimizer with a non-default mode equals optax's pieces chained."""
         lr = optax.schedules.cosine_decay_schedule(3e-2, 40)
-        ours = lion_optax.lion(lr, weight_decay=0.2, kappa=mode, skip_nonfinite=False)
+        ours = lion_optax.lion(lr, weight_decay=0.2, kappa=mode)
         theirs = optax.chain(
             optax.scale_by_lion(mode=mode), optax.add_decayed_weights(0.2),
             optax.scale_by_learning_rate(lr),

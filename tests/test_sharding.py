@@ -4,10 +4,10 @@ In this process (one device): ``zeros_like_sharded``, the HLO reader on known
 text, ``tree_bytes`` and the validation of ``shard_optimizer_state``. In a
 subprocess with eight CPU devices (``_multidevice_sharding.py``): sharded
 Lion on a (data=2, model=4) mesh with Auto and Explicit axes, its compiled
-collectives, the kappa variants that need a norm, and the ZeRO-style wrapper.
+collectives, every momentum storage (float32, bfloat16, float16, int8) under
+FSDP, tensor-parallel, 2-D and replicated layouts, the kappa variants that need
+a norm, and the ZeRO-style wrapper with float32 and int8 momentum.
 """
-
-from __future__ import annotations
 
 import json
 import os
@@ -181,17 +181,19 @@ def test_state_has_the_params_sharding_after_init_and_every_update(eight_devices
 @pytest.mark.parametrize('mesh', MESHES)
 def test_sharded_update_compiles_without_collectives(eight_devices, mesh):
     d = eight_devices[mesh]
-    assert d['update_collectives_no_skip'] == []
-    # skip_nonfinite (lion's default) must agree across shards whether the gradient
-    # is finite: a few scalars all-reduced (the finiteness check sums x - x per leaf
-    # in float32, or ANDs booleans), nothing of the parameters' size.
-    for kind, _, _, shape in d['update_collectives']:
+    # The default non-finite guard is element-wise: nothing to agree on.
+    assert d['update_collectives'] == []
+    # nonfinite='skip_step' must agree across shards whether the gradient is
+    # finite: a few scalars all-reduced (the finiteness check sums x - x per leaf
+    # in float32), nothing of the parameters' size.
+    assert d['update_collectives_skip_step']
+    for kind, _, _, shape in d['update_collectives_skip_step']:
         scalars = re.findall(r'(\w+)\[([^\]]*)\]', shape)
         assert kind == 'all-reduce' and scalars, shape
         assert all(dtype in ('pred', 'f32') and dims == '' for dtype, dims in scalars), shape
     # At most two 4-byte scalars per parameter leaf (4 leaves here); the scalar-only
     # check above is what rules out anything of a parameter's size.
-    assert sum(c[1] for c in d['update_collectives']) <= 8 * len(d['param_specs'])
+    assert sum(c[1] for c in d['update_collectives_skip_step']) <= 8 * len(d['param_specs'])
 
 
 @pytest.mark.parametrize('mesh', MESHES)
@@ -210,6 +212,31 @@ def test_norm_variants_communicate_only_scalars(eight_devices, variant):
     # O(number of leaves) bytes per step, whatever the parameters' size.
     assert sum(c[1] for c in collectives) <= 64
     assert d[f'{variant}_max_diff'] <= 1e-6
+
+
+STORAGES = ['float32', 'bfloat16', 'float16', 'int8']
+LAYOUTS = ['fsdp', 'tensor_parallel', '2d', 'replicated']
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('storage', STORAGES)
+def test_every_momentum_storage_shards_like_the_parameter(eight_devices, storage, layout):
+    """Each device holds its share of the momentum (int8: codes and scales together)
+    after an eager init, a jitted init and every update; the update sends nothing;
+    the parameters equal the one-device run's."""
+    d = eight_devices['storages'][f'{storage}/{layout}']
+    share = 1.0 / d['devices_holding_w']
+    assert len(d['fractions']) == 2 + 3
+    assert all(share <= f <= 1.1 * share for f in d['fractions']), d['fractions']
+    assert d['collectives'] == []
+    assert d['param_sharding_kept']
+    assert d['max_diff_vs_single_device'] <= 1e-6
+
+
+def test_zero_shards_int8_codes_and_scales(eight_devices):
+    d = eight_devices['zero_int8']
+    assert all(0.25 <= f <= 1.1 * 0.25 for f in d['fractions']), d['fractions']
+    assert d['max_diff_vs_single_device'] <= 1e-6
 
 
 def test_zero_shards_the_momentum_and_keeps_params_replicated(eight_devices):

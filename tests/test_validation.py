@@ -44,7 +44,9 @@ def test_non_float_mu_dtype_is_refused(dtype):
         (dict(kappa=3), 'kappa=3 has type int'),
         (dict(weight_decay_convention='adamw'), 'weight_decay_convention=.* not a known option'),
         (dict(cautious='yes'), 'cautious must be True or False'),
-        (dict(skip_nonfinite=1), 'skip_nonfinite must be True or False'),
+        (dict(nonfinite='skip'), "nonfinite='skip' is not a known option"),
+        (dict(mu_rounding='up'), "mu_rounding='up' is not a known option"),
+        (dict(param_rounding=None), 'param_rounding=None is not a known option'),
     ],
 )
 def test_unknown_options_are_refused(kwargs, message):

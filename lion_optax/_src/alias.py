@@ -1,17 +1,19 @@
 """``lion``: the Lion optimizer as one chain, a drop-in for ``optax.lion``."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import optax
 
 from lion_optax._src import kappa as kappa_lib
-from lion_optax._src import precision, validation
-from lion_optax._src.direction import lion_direction
-from lion_optax._src.nonfinite import skip_nonfinite as skip_nonfinite_wrapper
-from lion_optax._src.weight_decay import weight_decay_for_learning_rate
+from lion_optax._src import nonfinite as nonfinite_lib
+from lion_optax._src import param_rounding as param_rounding_lib
+from lion_optax._src import validation
+from lion_optax._src.direction import Rounding, scale_by_lion
+from lion_optax._src.weight_decay import WeightDecayConvention, weight_decay_for_learning_rate
+
+Nonfinite = Literal['zero', 'skip_step', 'propagate']
+NONFINITE_MODES = ('zero', 'skip_step', 'propagate')
 
 
 def lion(
@@ -25,11 +27,11 @@ def lion(
     kappa: str | kappa_lib.Kappa | Callable[..., Any] = 'sign',
     cautious: bool = False,
     cautious_eps: float = 1e-3,
-    weight_decay_convention: str = 'paper',
+    weight_decay_convention: WeightDecayConvention = 'paper',
     reference_learning_rate: float | None = None,
-    skip_nonfinite: bool = True,
-    mu_rounding: str = 'stochastic',
-    param_rounding: str = 'stochastic',
+    nonfinite: Nonfinite = 'zero',
+    mu_rounding: Rounding = 'stochastic',
+    param_rounding: Rounding = 'stochastic',
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Lion optimizer (EvoLved Sign Momentum), a drop-in for ``optax.lion``.
@@ -42,12 +44,29 @@ def lion(
       m_t &= \beta_2 m_{t-1} + (1 - \beta_2) g_t
 
     It chains, top to bottom: :func:`scale_by_lion` (the direction),
-    :func:`add_decoupled_weight_decay` (the decay, masked),
-    ``optax.scale_by_learning_rate`` (the step) and, for bfloat16/float16
-    parameters, :func:`round_updates_to_params` (stochastic rounding of the
-    new parameters, so that steps smaller than half an ulp still land), all
-    wrapped in :func:`skip_nonfinite` by default. With the defaults and finite gradients
-    the numbers are those of ``optax.lion`` for the same arguments.
+    :func:`add_decoupled_weight_decay` (the decay, masked) and
+    ``optax.scale_by_learning_rate`` (the step); for bfloat16/float16
+    parameters it then rounds the new parameters stochastically (see
+    :func:`round_updates_to_params`), so that steps smaller than half an ulp
+    still land. A drop-in for ``optax.lion``: with the same arguments the
+    state is the same tree (``(ScaleByLionState, EmptyState, EmptyState)``
+    for constants) and, for finite float32 gradients, the numbers are the
+    same; an ``optax.lion`` state (a checkpoint) continues here and back.
+
+    Non-finite gradients (``nonfinite``), what a NaN or Inf does to a step:
+
+    - ``'zero'`` (default): each non-finite gradient *element* counts as 0:
+      that coordinate's momentum decays by :math:`\beta_2` and it moves by
+      :math:`\eta_t(\kappa(\beta_1 m) + \lambda\theta)`; all other
+      coordinates step normally. Nothing non-finite reaches the parameters or
+      the momentum. Free: no extra read, no state, no communication.
+    - ``'skip_step'``: if any element anywhere is non-finite the whole step
+      is skipped (no update, weight decay included; momentum and schedule
+      counts unchanged). Reads the gradient once more and, under sharding,
+      all-reduces one scalar. Wrap the optimizer in :func:`skip_nonfinite`
+      instead to also count the skipped steps.
+    - ``'propagate'``: as ``optax.lion``: NaN and Inf flow into the momentum
+      and the parameters (to see a bug at once).
 
     Lion's learning rate is 3-10x smaller than AdamW's and its weight decay
     3-10x larger (:func:`adamw_to_lion`); ``b1=0.95, b2=0.98`` is the paper's
@@ -75,7 +94,8 @@ def lion(
       reference_learning_rate: :math:`\eta_{\mathrm{ref}}` for
         ``'fully_decoupled'``; defaults to ``learning_rate`` when that is a
         constant, and is required with a schedule.
-      skip_nonfinite: skip (and count) steps whose gradient has a NaN or Inf.
+      nonfinite: ``'zero'``, ``'skip_step'`` or ``'propagate'``: what a NaN or
+        Inf gradient does (above).
       mu_rounding: ``'stochastic'`` (default) or ``'nearest'``: rounding of a
         momentum stored in bfloat16, float16 or int8.
       param_rounding: ``'stochastic'`` (default) or ``'nearest'``: how the new
@@ -103,22 +123,20 @@ def lion(
       <https://arxiv.org/abs/2302.06675>`_, 2023.
     """
     validation.check_nonnegative('learning_rate', learning_rate)
-    if not isinstance(skip_nonfinite, bool):
-        raise TypeError(f'skip_nonfinite must be True or False, got {skip_nonfinite!r}.')
-    validation.check_choice('param_rounding', param_rounding, precision.ROUNDING_MODES)
-    direction = lion_direction(
-        b1,
-        b2,
-        mu_dtype,
-        kappa=kappa,
-        cautious=cautious,
-        cautious_eps=cautious_eps,
-        mu_rounding=mu_rounding,
-        seed=seed,
-        inside_skip_nonfinite=skip_nonfinite,
-    )
-    stages = [
-        direction,
+    validation.check_choice('nonfinite', nonfinite, NONFINITE_MODES)
+    validation.check_choice('param_rounding', param_rounding, param_rounding_lib.ROUNDING_MODES)
+    transformation = optax.chain(
+        scale_by_lion(
+            b1,
+            b2,
+            mu_dtype,
+            kappa=kappa,
+            cautious=cautious,
+            cautious_eps=cautious_eps,
+            nonfinite='propagate' if nonfinite == 'propagate' else 'zero',
+            mu_rounding=mu_rounding,
+            seed=seed,
+        ),
         weight_decay_for_learning_rate(
             weight_decay,
             learning_rate,
@@ -127,10 +145,12 @@ def lion(
             mask=mask,
         ),
         optax.scale_by_learning_rate(learning_rate),
-    ]
+    )
     if param_rounding == 'stochastic':
-        stages.append(precision.round_updates_to_params('stochastic', seed=seed))
-    transformation = optax.chain(*stages)
-    if skip_nonfinite:
-        return skip_nonfinite_wrapper(transformation)
-    return transformation
+        # bf16/fp16 parameters: seeded by the direction's step count, no state added.
+        transformation = param_rounding_lib.with_param_rounding(
+            transformation, seed=seed, step_count=lambda state: state[0].count
+        )
+    if nonfinite == 'skip_step':
+        return nonfinite_lib.skip_step_if_nonfinite(transformation)
+    return optax.with_extra_args_support(transformation)

@@ -19,8 +19,6 @@ called (under ``jit`` or not) next to a training step when you want to log it.
 The optimizer itself computes nothing of it.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple

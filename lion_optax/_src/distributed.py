@@ -40,8 +40,6 @@ but 4x more than it at ``N = 256``. :func:`sign_layout` gives the exact
 numbers (padding included) for any model and ``N``.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -52,9 +50,11 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from lion_optax._src import kappa as kappa_lib
-from lion_optax._src import nonfinite, validation
+from lion_optax._src import nonfinite as nonfinite_lib
+from lion_optax._src import validation
+from lion_optax._src.alias import NONFINITE_MODES, Nonfinite
 from lion_optax._src.direction import scale_by_lion
-from lion_optax._src.weight_decay import weight_decay_for_learning_rate
+from lion_optax._src.weight_decay import WeightDecayConvention, weight_decay_for_learning_rate
 
 METHODS = ('vote', 'average')
 
@@ -300,10 +300,10 @@ def aggregate_signs(
 # Skipping a step on every worker when any worker's gradient is not finite.
 
 
-def _skip_nonfinite_on_any_worker(
+def _skip_step_on_any_worker(
     inner: optax.GradientTransformation, axis_name: str
 ) -> optax.GradientTransformationExtraArgs:
-    """``skip_nonfinite`` with the decision agreed by all workers (one 4-byte pmin).
+    """A whole-step skip with the decision agreed by all workers (one 4-byte pmin).
 
     A worker-local decision would let the other workers step, so the replicas
     of the parameters would drift apart (and the step counts would differ).
@@ -315,7 +315,7 @@ def _skip_nonfinite_on_any_worker(
             local = jax.lax.pcast(local, axis_name, to='varying')
         return jax.lax.pmin(local, axis_name) > 0
 
-    return nonfinite.skip_nonfinite(inner, combine_across_workers=agree)
+    return nonfinite_lib.skip_step_if_nonfinite(inner, combine_across_workers=agree)
 
 
 def _check_local_gradients(axis_name: str) -> optax.GradientTransformation:
@@ -351,9 +351,9 @@ def distributed_lion(
     axis_name: str = 'data',
     method: str = 'vote',
     kappa: str | kappa_lib.Kappa = 'sign',
-    weight_decay_convention: str = 'paper',
+    weight_decay_convention: WeightDecayConvention = 'paper',
     reference_learning_rate: float | None = None,
-    skip_nonfinite: bool = True,
+    nonfinite: Nonfinite = 'zero',
 ) -> optax.GradientTransformationExtraArgs:
     r"""Distributed Lion (Liu et al. 2024): per-worker momentum, signs on the wire.
 
@@ -370,10 +370,15 @@ def distributed_lion(
 
     The chain, top to bottom: :func:`scale_by_lion` (per worker),
     :func:`aggregate_signs`, :func:`add_decoupled_weight_decay`,
-    ``optax.scale_by_learning_rate``; with ``skip_nonfinite`` a step is
-    skipped on every worker when any worker's gradient has a NaN or Inf (one
-    4-byte all-reduce decides it). Schedules, masks, both weight-decay
-    conventions and ``mu_dtype`` compose as in :func:`lion`. Only the sign
+    ``optax.scale_by_learning_rate``. Non-finite gradients: with
+    ``nonfinite='zero'`` (default) each worker counts its own non-finite
+    gradient elements as 0 (no communication; every worker still applies the
+    same voted update); with ``'skip_step'`` a step is skipped on every
+    worker when any worker's gradient has a NaN or Inf (one 4-byte all-reduce
+    decides it). Schedules, masks, both weight-decay conventions and
+    ``mu_dtype`` (float or int8) compose as in :func:`lion`; Cautious Lion and
+    the stochastic rounding of bf16 parameters do not (the vote replaces the
+    direction, and the parameters are replicated). Only the sign
     kappa does: other kappas give real-valued directions that cannot travel
     as signs. With one worker, or identical gradients on every worker, the
     result is :func:`lion`'s.
@@ -386,7 +391,8 @@ def distributed_lion(
       learning_rate: :math:`\eta_t`, a float >= 0 or a schedule.
       b1: interpolation rate for the update, in [0, 1].
       b2: momentum decay rate, in [0, 1].
-      mu_dtype: float dtype of the momentum; None follows the parameters.
+      mu_dtype: storage of the momentum (a float dtype, ``'int8'`` or
+        :class:`Int8Momentum`); None follows the parameters.
       weight_decay: :math:`\lambda_t`, a float >= 0 or a schedule.
       mask: which leaves get weight decay (see :func:`lion`).
       axis_name: the ``shard_map`` mesh axis the workers run along.
@@ -394,7 +400,8 @@ def distributed_lion(
       kappa: ``'sign'`` (or optax's name ``'hard'``); others are refused.
       weight_decay_convention: ``'paper'`` or ``'fully_decoupled'``.
       reference_learning_rate: :math:`\eta_{\mathrm{ref}}` for ``'fully_decoupled'``.
-      skip_nonfinite: skip (on every worker) steps where a gradient has a NaN or Inf.
+      nonfinite: ``'zero'``, ``'skip_step'`` (on every worker) or
+        ``'propagate'``: what a NaN or Inf gradient does (see :func:`lion`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -434,11 +441,16 @@ def distributed_lion(
             "kappa='sign' (or 'hard') keeps the algorithm; for another kappa, "
             'all-reduce the gradients and use lion_optax.lion.'
         )
-    if not isinstance(skip_nonfinite, bool):
-        raise TypeError(f'skip_nonfinite must be True or False, got {skip_nonfinite!r}.')
+    validation.check_choice('nonfinite', nonfinite, NONFINITE_MODES)
     transformation = optax.chain(
         _check_local_gradients(axis_name),
-        scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype, kappa='sign'),
+        scale_by_lion(
+            b1=b1,
+            b2=b2,
+            mu_dtype=mu_dtype,
+            kappa='sign',
+            nonfinite='propagate' if nonfinite == 'propagate' else 'zero',
+        ),
         aggregate_signs(axis_name, method=method),
         weight_decay_for_learning_rate(
             weight_decay,
@@ -449,8 +461,8 @@ def distributed_lion(
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
-    if skip_nonfinite:
-        return _skip_nonfinite_on_any_worker(transformation, axis_name)
+    if nonfinite == 'skip_step':
+        return _skip_step_on_any_worker(transformation, axis_name)
     return optax.with_extra_args_support(transformation)
 
 

@@ -37,8 +37,6 @@ to a tree of directions of the same structure and shapes, so global variants
 (one norm over every leaf) fit the same interface as element-wise ones.
 """
 
-from __future__ import annotations
-
 import inspect
 import math
 from collections.abc import Callable

@@ -20,8 +20,6 @@ keeps the previous signs (one int8 per parameter) and the two statistics in
 its state. Nothing here is part of the optimizer unless you add it.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

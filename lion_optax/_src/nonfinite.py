@@ -1,6 +1,11 @@
-"""Skipping steps whose gradient is not finite."""
+"""Whole steps skipped when a gradient is not finite (opt-in; element-wise is the default).
 
-from __future__ import annotations
+:func:`scale_by_lion` already counts non-finite gradient *elements* as zero by
+default, at no cost. This module holds the alternative that skips the *whole*
+step: :func:`skip_step_if_nonfinite` (no state of its own, as
+``lion(nonfinite='skip_step')`` uses it) and :func:`skip_nonfinite`, the same
+plus a count of the skipped steps in its state.
+"""
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -8,6 +13,92 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True (a bool scalar) when every element of every leaf is finite.
+
+    One fused read per leaf: ``x - x`` is 0 for finite ``x`` and NaN for NaN
+    and +-Inf (it cannot overflow), summed per leaf, then over the leaves. The
+    flag ends in ``exp``: XLA:CPU computes an ``exp`` once and passes its
+    result to every consumer, while it copies cheap scalar arithmetic (the sum
+    over leaves) into each consumer of the flag, which made the compiled step
+    quadratic in the number of leaves (148 leaves: 31 s instead of 2 s).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from lion_optax._src.nonfinite import all_finite
+      >>> all_finite({'a': jnp.ones(3), 'b': jnp.array([1.0, jnp.inf])})
+      Array(False, dtype=bool)
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    nan_if_any = sum(jnp.sum(leaf - leaf, dtype=jnp.float32) for leaf in leaves)
+    return jnp.exp(nan_if_any) == 1.0
+
+
+def _skip_if(
+    finite: jax.Array, new_updates: Any, new_state: Any, old_state: Any
+) -> tuple[Any, Any]:
+    """``(new_updates, new_state)`` when ``finite``, else ``(zeros, old_state)``."""
+    updates = optax.tree.where(finite, new_updates, optax.tree.zeros_like(new_updates))
+    return updates, optax.tree.where(finite, new_state, old_state)
+
+
+def skip_step_if_nonfinite(
+    inner: optax.GradientTransformation,
+    *,
+    combine_across_workers: Callable[[jax.Array], jax.Array] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Skips every step whose gradient holds a NaN or an Inf, anywhere; no state added.
+
+    .. math::
+
+      (u_t, S_{t+1}) = \begin{cases}
+        \mathrm{inner}(g_t, S_t) & \text{every element of } g_t
+          \text{ finite} \\
+        (0, S_t) & \text{otherwise}
+      \end{cases}
+
+    A skipped step changes nothing: the parameters (the update is zero, weight
+    decay included), the momentum, and the step counts that drive schedules;
+    the state is ``inner``'s own. The check reads the gradient once more (4
+    bytes per float32 parameter) and, under sharding, all-reduces one scalar.
+    :func:`skip_nonfinite` is the same with a count of skipped steps.
+
+    Args:
+      inner: the transformation to protect.
+      combine_across_workers: for data-parallel code where each worker sees
+        its own gradient (inside ``shard_map``): maps this worker's bool
+        "all finite" scalar to the decision every worker shares (e.g. a
+        ``pmin`` over the data axis), so that no replica steps alone.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from lion_optax._src.nonfinite import skip_step_if_nonfinite
+      >>> tx = skip_step_if_nonfinite(optax.sgd(0.1))
+      >>> params = jnp.array([1.0, 2.0])
+      >>> updates, state = tx.update(jnp.array([jnp.nan, 1.0]), tx.init(params), params)
+      >>> updates
+      Array([0., 0.], dtype=float32)
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, Any]:
+        finite = all_finite(updates)
+        if combine_across_workers is not None:
+            finite = combine_across_workers(finite)
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        return _skip_if(finite, new_updates, new_state, state)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -22,23 +113,12 @@ class SkipNonfiniteState(NamedTuple):
     skipped_steps: jax.Array
 
 
-def all_finite(tree: Any) -> jax.Array:
-    """True (a bool scalar) when every element of every leaf is finite."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    # x - x is 0 for finite x and NaN for +-Inf and NaN (it cannot overflow): one
-    # fused read per leaf, instead of materialising a bool array per leaf and
-    # reducing it in stages (measured on XLA:CPU: 8M params, 2.3x -> 1.7x roofline).
-    return jnp.isfinite(sum(jnp.sum(leaf - leaf, dtype=jnp.float32) for leaf in leaves))
-
-
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
     combine_across_workers: Callable[[jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Skips every step whose gradient holds a NaN or an Inf, anywhere.
+    r"""Skips, and counts, every step whose gradient holds a NaN or an Inf.
 
     .. math::
 
@@ -48,19 +128,17 @@ def skip_nonfinite(
         (0, S_t) & \text{otherwise}
       \end{cases}
 
-    A skipped step changes nothing: the parameters (the update is zero, weight
-    decay included), the momentum, and the step counts that drive schedules.
-    ``skipped_steps`` counts them, so a training loop can log or stop on it.
-    Unlike ``optax.apply_if_finite`` it never lets a non-finite update through,
-    however many steps in a row are bad. The check reads the gradient once
-    more (4 bytes per float32 parameter).
+    As :func:`lion` with ``nonfinite='skip_step'``, plus ``skipped_steps`` in
+    the state, so a training loop can log or stop on it. This is the one line
+    that turns the count on: ``tx = lion_optax.skip_nonfinite(lion_optax.lion(lr))``.
+    A skipped step changes nothing: parameters (weight decay included),
+    momentum and schedule counts. Unlike ``optax.apply_if_finite`` it never
+    lets a non-finite update through, however many steps in a row are bad.
+    The check reads the gradient once more (4 bytes per float32 parameter).
 
     Args:
       inner: the transformation to protect.
-      combine_across_workers: for data-parallel code where each worker sees
-        its own gradient (inside ``shard_map``): maps this worker's bool
-        "all finite" scalar to the decision every worker shares (e.g. a
-        ``pmin`` over the data axis), so that no replica steps alone.
+      combine_across_workers: see :func:`skip_step_if_nonfinite`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -93,10 +171,7 @@ def skip_nonfinite(
         if combine_across_workers is not None:
             finite = combine_across_workers(finite)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-        new_inner = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
-        )
+        new_updates, new_inner = _skip_if(finite, new_updates, new_inner, state.inner_state)
         skipped = jnp.where(finite, state.skipped_steps, optax.safe_increment(state.skipped_steps))
         return new_updates, SkipNonfiniteState(inner_state=new_inner, skipped_steps=skipped)
 

@@ -12,8 +12,6 @@ Parameters are a dict of leaves, each leaf a list of floats. ``rounding``
 update, parameters) to emulate a low-precision dtype.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple

@@ -1,7 +1,5 @@
 """Hyperparameters for Lion from an AdamW baseline, and the recommended schedule."""
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import optax

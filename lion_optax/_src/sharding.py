@@ -11,8 +11,6 @@ collectives a step runs and the bytes each device sends
 (:func:`hlo_collectives`, :func:`bytes_sent_per_device`).
 """
 
-from __future__ import annotations
-
 import math
 import re
 from collections.abc import Sequence
@@ -173,7 +171,7 @@ def shard_optimizer_state(
       >>> params = {'w': jnp.zeros((4, 2))}
       >>> state = jax.jit(tx.init)(params)
       >>> updates, state = jax.jit(tx.update)(params, state, params)
-      >>> lion_optax.tree_bytes(state.inner_state[0].mu)  # 1 device: nothing to split
+      >>> lion_optax.tree_bytes(state[0].mu)  # 1 device: nothing to split
       32
 
     References:

@@ -5,8 +5,6 @@ to fix it, so that a bad option fails at construction instead of at the first
 ``update`` (or, worse, never).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -117,6 +115,21 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
         )
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Refuses a ``value`` that is not exactly True or False (e.g. a string or 0/1)."""
+    if not isinstance(value, bool):
+        raise TypeError(f'{name} must be True or False, got {value!r}.')
+
+
+def check_seed(seed: Any) -> None:
+    """Refuses a ``seed`` that is not an integer (a traced integer scalar is fine)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
+        raise TypeError(
+            f'seed must be an integer (it seeds stochastic rounding), got {seed!r}. '
+            'Pass e.g. seed=0; the same seed gives the same rounding.'
+        )
+
+
 def check_float_params(params: Any, *, who: str) -> None:
     """Refuses integer, boolean and complex leaves at ``init`` time.
 
@@ -181,5 +194,3 @@ def check_matching_trees(
                 'of the same shape as the parameter.'
             )
 
-
-_concrete_float = concrete_float  # the earlier private name, still used by some modules

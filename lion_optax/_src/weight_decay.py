@@ -1,36 +1,30 @@
 """Decoupled weight decay, in the two conventions Lion users meet."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from lion_optax._src import validation
-from lion_optax._src.direction import compute_dtype
+from lion_optax._src.numerics import compute_dtype
 
+WeightDecayConvention = Literal['paper', 'fully_decoupled']
 WEIGHT_DECAY_CONVENTIONS = ('paper', 'fully_decoupled')
 
 
-class AddDecoupledWeightDecayState(NamedTuple):
-    """State of :func:`add_decoupled_weight_decay` with a weight-decay schedule.
-
-    A constant weight decay keeps ``optax.EmptyState`` instead, like optax.
-
-    Attributes:
-      count: number of updates so far, the argument of the schedule.
-    """
-
-    count: jax.Array
+# The state of a weight-decay schedule, ``AddDecoupledWeightDecayState(count)``:
+# optax.add_decayed_weights' own class (optax does not export it; its init
+# returns one), so that lion()'s state is optax.lion's. A constant weight decay
+# keeps optax.EmptyState, as optax does.
+AddDecoupledWeightDecayState = type(optax.add_decayed_weights(lambda count: 0.0).init({}))
 
 
 def add_decoupled_weight_decay(
     weight_decay: optax.ScalarOrSchedule = 1e-3,
     *,
-    convention: str = 'paper',
+    convention: WeightDecayConvention = 'paper',
     reference_learning_rate: float | None = None,
     mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
@@ -150,7 +144,7 @@ def weight_decay_for_learning_rate(
     weight_decay: optax.ScalarOrSchedule,
     learning_rate: optax.ScalarOrSchedule,
     *,
-    convention: str,
+    convention: WeightDecayConvention,
     reference_learning_rate: float | None,
     mask: Any | Callable[[optax.Params], Any] | None,
 ) -> optax.GradientTransformation:
