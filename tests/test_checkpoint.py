@@ -155,6 +155,38 @@ def test_bad_step_is_refused(tmp_path):
         save_checkpoint(tmp_path, -1, {'x': jnp.zeros(())})
 
 
+def test_zero_size_leaves_round_trip(tmp_path):
+    tree = {
+        'empty': jnp.zeros((0, 3), jnp.bfloat16),
+        'keys': jax.random.split(jax.random.key(1), 0),
+        'full': jnp.arange(4, dtype=jnp.int8),
+    }
+    save_checkpoint(tmp_path, 0, tree)
+    restored, _ = restore_checkpoint(tmp_path, jax.eval_shape(lambda: tree))
+    _assert_trees_bitwise_equal(restored, tree)
+    restored, _ = restore_checkpoint(tmp_path, tree)  # onto the leaves' shardings
+    _assert_trees_bitwise_equal(restored, tree)
+    assert restored['empty'].sharding.is_equivalent_to(tree['empty'].sharding, 2)
+    # Nothing but zero-size leaves, and no leaves at all.
+    save_checkpoint(tmp_path, 1, {'e': jnp.zeros((2, 0))})
+    restored, _ = restore_checkpoint(tmp_path, {'e': jnp.zeros((2, 0))}, step=1)
+    _assert_trees_bitwise_equal(restored, {'e': jnp.zeros((2, 0))})
+    save_checkpoint(tmp_path, 2, {})
+    assert restore_checkpoint(tmp_path, {}, step=2) == ({}, 2)
+    assert sorted(os.listdir(tmp_path)) == ['0', '1', '2']
+
+
+def test_unstorable_leaf_is_refused_before_anything_is_written(tmp_path):
+    save_checkpoint(tmp_path, 1, {'x': jnp.ones(2)})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+    bad = {'x': jnp.ones(2), 'packed': jnp.ones(4, jnp.uint4)}
+    with pytest.raises(TypeError, match=r"Leaf \['packed'\] has dtype uint4.*nothing was saved"):
+        save_checkpoint(tmp_path, 2, bad)
+    with pytest.raises(TypeError, match='uint4'):
+        save_checkpoint(tmp_path, 1, bad, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
+
+
 # ---------------------------------------------------------------------------
 # Resume in a new process, bit for bit.
 # ---------------------------------------------------------------------------

@@ -7,13 +7,19 @@ than the one that was checkpointed. These helpers write, next to the arrays, the
 path, shape and dtype of every leaf, and :func:`restore_checkpoint` refuses a target
 that differs in any of them, naming each difference, before reading any array.
 
-Layout: ``directory/<step>/`` holds an orbax composite checkpoint with two items,
-``arrays`` (the leaves, flattened) and ``lion_optax`` (a JSON description of the
-tree).
+Leaves with no elements (a zero in their shape) have no bytes and orbax cannot
+write them, so only their shape and dtype are recorded and restore rebuilds them.
+A leaf with a dtype orbax cannot store (e.g. uint4) is refused before anything is
+written.
+
+Layout: ``directory/<step>/`` holds an orbax composite checkpoint with the items
+``arrays`` (the leaves with at least one element, flattened; absent when there is
+none) and ``lion_optax`` (a JSON description of the tree).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from typing import Any
@@ -21,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ARRAYS = 'arrays'
 _SPEC = 'lion_optax'
 
@@ -83,6 +89,21 @@ def latest_step(directory: str | os.PathLike[str]) -> int | None:
     return max(steps, default=None)
 
 
+def _storable(path: str, leaf: Any) -> None:
+    """Refuses, before anything is written, a leaf orbax's TensorStore cannot write."""
+    import tensorstore  # pylint: disable=g-import-not-at-top
+
+    try:
+        tensorstore.dtype(np.dtype(leaf.dtype).name)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f'Leaf {path or "<root>"} has dtype {leaf.dtype}, which orbax (TensorStore) '
+            'cannot store, so nothing was saved. Convert the leaf to a supported dtype '
+            'before saving (for example uint4 to uint8 with .astype) and back after '
+            'restoring.'
+        ) from None
+
+
 def save_checkpoint(
     directory: str | os.PathLike[str],
     step: int,
@@ -101,14 +122,16 @@ def save_checkpoint(
       step: the training step, an int >= 0, used as the sub-folder name.
       state: a pytree whose leaves are arrays or scalars, for example
         ``{'params': params, 'opt_state': opt_state, 'step': step}``. PRNG key
-        arrays are stored as their key data and restored as keys.
+        arrays are stored as their key data and restored as keys. Leaves with no
+        elements (a zero in their shape) are recorded by shape and dtype only.
       overwrite: replace an existing checkpoint for ``step`` instead of raising.
 
     Returns:
       The folder written, ``directory/<step>``.
 
     Raises:
-      TypeError: a leaf is not an array or a scalar.
+      TypeError: a leaf is not an array or a scalar, or has a dtype orbax cannot
+        store (e.g. uint4). Nothing is written.
       FileExistsError: ``step`` exists and ``overwrite`` is False.
 
     Example:
@@ -141,6 +164,9 @@ def save_checkpoint(
         if _is_key(leaf):
             key_impls[str(i)] = str(jax.random.key_impl(leaf))
             leaf = jax.random.key_data(leaf)
+        if math.prod(leaf.shape) == 0:
+            continue  # Orbax cannot write zero-size arrays; the spec says all there is.
+        _storable(path, leaf)
         arrays[f'leaf_{i:05d}'] = leaf
     spec = {
         'format_version': FORMAT_VERSION,
@@ -157,14 +183,11 @@ def save_checkpoint(
             'overwrite=True to replace it, or save under another step.'
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    items = {_SPEC: ocp.args.JsonSave(spec)}
+    if arrays:
+        items[_ARRAYS] = ocp.args.StandardSave(arrays)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(
-            target,
-            ocp.args.Composite(
-                **{_ARRAYS: ocp.args.StandardSave(arrays), _SPEC: ocp.args.JsonSave(spec)}
-            ),
-            force=overwrite,
-        )
+        checkpointer.save(target, ocp.args.Composite(**items), force=overwrite)
     return target
 
 
@@ -274,16 +297,36 @@ def restore_checkpoint(
                 'tx.init(params)}. To change a dtype on purpose, restore with the '
                 'original configuration, then convert the arrays explicitly.'
             )
-        abstract = {}
+        abstract, empty = {}, {}
         for i, leaf in enumerate(map(_as_abstract, leaves)):
             stored = jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
-            abstract[f'leaf_{i:05d}'] = jax.ShapeDtypeStruct(
+            stored = jax.ShapeDtypeStruct(
                 stored.shape, stored.dtype, sharding=getattr(leaf, 'sharding', None)
             )
-        arrays = checkpointer.restore(
-            source, ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(abstract)})
-        )[_ARRAYS]
-    restored = [arrays[f'leaf_{i:05d}'] for i in range(len(leaves))]
+            if math.prod(stored.shape) == 0:
+                empty[i] = stored
+            else:
+                abstract[f'leaf_{i:05d}'] = stored
+        arrays = {}
+        if abstract:
+            arrays = checkpointer.restore(
+                source, ocp.args.Composite(**{_ARRAYS: ocp.args.StandardRestore(abstract)})
+            )[_ARRAYS]
+    restored = [
+        _empty_array(empty[i]) if i in empty else arrays[f'leaf_{i:05d}']
+        for i in range(len(leaves))
+    ]
     for i, impl in spec['key_impls'].items():
         restored[int(i)] = jax.random.wrap_key_data(restored[int(i)], impl=impl)
     return jax.tree_util.tree_unflatten(treedef, restored), int(spec['step'])
+
+
+def _empty_array(abstract: jax.ShapeDtypeStruct) -> jax.Array:
+    """A zero-size array of the given shape and dtype, on the given sharding if any."""
+    if abstract.sharding is None:
+        return jax.numpy.zeros(abstract.shape, abstract.dtype)
+    return jax.make_array_from_callback(
+        abstract.shape,
+        abstract.sharding,
+        lambda index: np.zeros(abstract.shape, abstract.dtype)[index],
+    )
