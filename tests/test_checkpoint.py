@@ -6,8 +6,8 @@ process's uninterrupted run bit for bit, for float32, bfloat16 and int8 momentum
 
 The kill tests SIGKILL savers (children of the fork server in _checkpoint_saver.py)
 at random moments and at every point of an overwrite; after each kill the newest
-complete state must restore bit for bit and the next run must resume from it. Other
-tests damage step folders and leave what killed saves leave.
+complete state must restore bit for bit and the next run must resume from it. The
+corruption tests flip bytes in saved files and damage step folders.
 """
 
 import collections
@@ -174,6 +174,54 @@ def test_bad_step_is_refused(tmp_path):
 # ---------------------------------------------------------------------------
 # Checkpoints that cannot lie: checksums, incomplete steps, failed saves.
 # ---------------------------------------------------------------------------
+
+
+def _flip_byte(path, offset=None):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 if offset is None else offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def _array_data_files(folder):
+    return sorted(p for p in (folder / 'arrays').rglob('*') if p.is_file() and p.parent.name == 'd')
+
+
+def test_flipped_byte_in_array_data_is_refused_naming_the_file(tmp_path):
+    tree = _mixed_tree()
+    folder = save_checkpoint(tmp_path, 4, tree)
+    data_files = _array_data_files(folder)
+    assert data_files, sorted(p.relative_to(folder) for p in folder.rglob('*'))
+    for victim in data_files:
+        original = victim.read_bytes()
+        _flip_byte(victim)
+        with pytest.raises(CheckpointCorruptError) as info:
+            restore_checkpoint(tmp_path, tree)
+        message = str(info.value)
+        assert 'step 4' in message and 'is corrupt (1 file(s)' in message
+        assert victim.relative_to(folder).as_posix() in message
+        assert 'array data' in message and 'Nothing was restored' in message
+        # Also when the step is named, and before the target is even compared.
+        with pytest.raises(CheckpointCorruptError):
+            restore_checkpoint(tmp_path, {'other': jnp.zeros(2)}, step=4)
+        victim.write_bytes(original)
+    _assert_trees_bitwise_equal(restore_checkpoint(tmp_path, tree)[0], tree)
+
+
+def test_flipped_byte_in_tree_description_or_manifest_is_refused(tmp_path):
+    tree = {'w': jnp.arange(3.0)}
+    folder = save_checkpoint(tmp_path, 0, tree)
+    spec = folder / 'lion_optax' / 'metadata'
+    original = spec.read_bytes()
+    _flip_byte(spec, original.index(b'float32') + 5)  # 'float32' becomes 'floaT32'
+    with pytest.raises(CheckpointCorruptError, match='lion_optax/metadata .the description'):
+        restore_checkpoint(tmp_path, tree)
+    spec.write_bytes(original)
+    manifest = folder / 'lion_optax_manifest.json'
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"step": 0', '"step": 1'))
+    assert latest_step(tmp_path) is None
+    with pytest.raises(CheckpointCorruptError, match='manifest .* is damaged'):
+        restore_checkpoint(tmp_path, tree, step=0)
 
 
 def test_step_without_its_arrays_is_skipped_explained_and_fallen_back_from(tmp_path):

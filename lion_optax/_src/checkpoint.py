@@ -20,14 +20,19 @@ Guarantees (checkpoint format 2):
   holds across an operating-system crash or power loss on file systems that honour
   fsync; the tests check it by SIGKILL at random moments and at every rename.
 * **No half-written step.** A step counts only once its manifest
-  (``lion_optax_manifest.json``: the size and SHA-256 of every file, written last,
-  itself checksummed) exists and every file it lists is present with its recorded
-  size. :func:`latest_step` returns only
+  (``lion_optax_manifest.json``, written last, itself checksummed) exists and every
+  file it lists is present with its recorded size. :func:`latest_step` returns only
   such steps; ``restore_checkpoint(step=None)`` falls back to the newest one (with a
   warning naming any newer step folder it passed over); asking for an incomplete
   step by number raises an error that says why it is incomplete. Leftover
   temporary folders of killed saves are ignored by readers and removed by the next
   save.
+* **No silent corruption.** The manifest holds the SHA-256 of every file of the
+  step. :func:`restore_checkpoint` recomputes them before using the files (one
+  extra read of the checkpoint) and raises :class:`CheckpointCorruptError` naming
+  each file that differs. Orbax has no such check of its own: OCDBT checksums
+  its index (a flipped byte there is an error) but not the array bytes, and a
+  flipped byte in an array data file restores silently as different numbers.
 * **Failed saves leave nothing.** Leaves that cannot be stored are refused before
   anything is written; an error during the write removes the partial copy and
   leaves the earlier checkpoints as they were. Zero-size leaves are supported: they
@@ -37,7 +42,7 @@ Guarantees (checkpoint format 2):
 One process (one job) saves into a directory at a time. Other processes may
 restore while it saves, except the very step being overwritten. In a multi-host
 job every process calls :func:`save_checkpoint`; process 0 alone renames and
-deletes folders, between barriers.
+deletes folders, between barriers, and every process checks the files on restore.
 Checkpoints of format 1 (lion_optax before manifests) are not restored: they
 cannot be checked; restore them with the version that wrote them and save again.
 
@@ -85,13 +90,29 @@ class CheckpointMismatchError(ValueError):
 class CheckpointCorruptError(ValueError):
     """A checkpoint's files differ from what its save recorded in the manifest.
 
-    Raised by :func:`restore_checkpoint` when a file the manifest lists is missing
-    or has another size, or the manifest itself is damaged. Nothing is restored
-    from such a step. It is a ``ValueError`` like :class:`CheckpointMismatchError`
-    but not a subclass of it: a mismatch means the *target* is wrong and the
-    checkpoint is fine, while this means the *checkpoint* is wrong whatever the
-    target, and code that reacts to a mismatch (for example by building the target
-    another way) must not swallow it.
+    Raised by :func:`restore_checkpoint` when a file's SHA-256 or size differs
+    from the manifest, a file the manifest lists is missing, or the manifest
+    itself is damaged. Nothing is restored from such a step. It is a
+    ``ValueError`` like :class:`CheckpointMismatchError` but not a subclass of it:
+    a mismatch means the *target* is wrong and the checkpoint is fine, while this
+    means the *checkpoint* is wrong whatever the target, and code that reacts to a
+    mismatch (for example by building the target another way) must not swallow it.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp, lion_optax
+      >>> from lion_optax._src.checkpoint import CheckpointCorruptError
+      >>> folder = tempfile.mkdtemp()
+      >>> state = {'w': jnp.arange(4.0)}
+      >>> saved = lion_optax.save_checkpoint(folder, 1, state)
+      >>> data = max((p for p in (saved / 'arrays').rglob('*') if p.is_file()),
+      ...            key=lambda p: p.stat().st_size)
+      >>> raw = bytearray(data.read_bytes()); raw[len(raw) // 2] ^= 0x01
+      >>> _ = data.write_bytes(bytes(raw))
+      >>> try:
+      ...     lion_optax.restore_checkpoint(folder, state)
+      ... except CheckpointCorruptError as error:
+      ...     print(str(error).splitlines()[0])  # doctest: +ELLIPSIS
+      The checkpoint for step 1 at .../1 is corrupt (1 file(s) differ from its manifest):
     """
 
 
@@ -628,6 +649,44 @@ def _mismatches(spec: dict[str, Any], paths: list[str], leaves: list[Any]) -> li
     return problems
 
 
+def _describe_file(name: str) -> str:
+    if name.startswith(_SPEC + '/'):
+        return 'the description of the tree: paths, shapes and dtypes'
+    if name.startswith(_ARRAYS + '/'):
+        if '/d/' in f'/{name}':
+            return 'array data, shared by the leaves in this file (orbax OCDBT)'
+        return 'orbax metadata of the arrays'
+    return 'orbax metadata of the checkpoint'
+
+
+def _verify(folder: pathlib.Path, step: int, manifest: dict[str, Any], names: list[str]) -> None:
+    """Recomputes the SHA-256 of ``names`` and raises if any differs from the manifest."""
+    expected = manifest['files']
+    try:
+        actual = _hash_files(folder, names)
+    except OSError as error:
+        raise CheckpointCorruptError(
+            f'The checkpoint for step {step} at {folder} cannot be read: {error}. '
+            f'Nothing was restored. {_steps_note(folder.parent)}'
+        ) from error
+    bad = [
+        f'{name} ({_describe_file(name)}): SHA-256 {sha[:16]}..., {size} bytes; its save '
+        f'recorded {expected[name][1][:16]}..., {expected[name][0]} bytes'
+        for name, (size, sha) in actual.items()
+        if (size, sha) != expected[name]
+    ]
+    if bad:
+        shown = '\n  '.join(bad[:20])
+        more = f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else ''
+        raise CheckpointCorruptError(
+            f'The checkpoint for step {step} at {folder} is corrupt ({len(bad)} file(s) '
+            f'differ from its manifest):\n  {shown}{more}\n'
+            'Nothing was restored. The files changed after the save completed (a disk '
+            'or copy error, or an edit), so their numbers cannot be trusted. Restore '
+            f'another step with restore_checkpoint(..., step=N). {_steps_note(folder.parent)}'
+        )
+
+
 def restore_checkpoint(
     directory: str | os.PathLike[str],
     target: Any,
@@ -642,8 +701,10 @@ def restore_checkpoint(
     one; nothing is cast or reshaped. Restored arrays take the target leaves'
     shardings when they have one.
 
-    Only complete steps are restored (see :func:`latest_step`); leftover folders
-    of saves killed part-way are ignored.
+    Only complete steps are restored (see :func:`latest_step`), and every file of
+    the step is checked against the SHA-256 recorded by its save before anything
+    is read from it, so the result is bit for bit what was saved, or an error.
+    Leftover folders of saves killed part-way are ignored.
 
     Args:
       directory: the folder given to :func:`save_checkpoint`.
@@ -661,8 +722,8 @@ def restore_checkpoint(
       FileNotFoundError: there is no complete checkpoint (for ``step``) in
         ``directory``; for a step folder whose save did not finish, the message
         says so and lists the complete steps.
-      CheckpointCorruptError: a file of the step is missing or has another size
-        than its save recorded, or its manifest is damaged; the message says which.
+      CheckpointCorruptError: a file of the step differs from the checksum or
+        size its save recorded, or is missing; the message names each file.
       CheckpointMismatchError: the tree, a shape or a dtype differs; the message
         lists every difference. Also for a step written in another checkpoint
         format (another version of lion_optax).
@@ -726,6 +787,7 @@ def restore_checkpoint(
                 f'{why}. Nothing was restored. Restore a complete step with step=N, or '
                 f'step=None for the newest one. {_steps_note(directory)}'
             )
+    _verify(source, step, manifest, sorted(manifest['files']))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         spec = checkpointer.restore(source, ocp.args.Composite(**{_SPEC: ocp.args.JsonRestore()}))[
             _SPEC
