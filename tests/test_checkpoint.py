@@ -297,6 +297,10 @@ def test_unstorable_leaf_is_refused_before_anything_is_written(tmp_path):
         save_checkpoint(tmp_path, 2, bad)
     with pytest.raises(TypeError, match='uint4'):
         save_checkpoint(tmp_path, 1, bad, overwrite=True)
+    # Without jax_enable_x64, JAX would turn 2**40 into 0 on the way to orbax.
+    wide = {'x': jnp.ones(2), 'counter': np.array([2**40], np.uint64)}
+    with pytest.raises(TypeError, match=r"\['counter'\] is a NumPy uint64 array.*narrow to uint32"):
+        save_checkpoint(tmp_path, 2, wide)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
 
 

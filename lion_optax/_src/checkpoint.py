@@ -539,8 +539,9 @@ def save_checkpoint(
 
     Raises:
       ValueError: ``step`` is not an int >= 0.
-      TypeError: a leaf is not an array or a scalar, or has a dtype orbax cannot
-        store (e.g. uint4). Nothing is written.
+      TypeError: a leaf is not an array or a scalar, has a dtype orbax cannot
+        store (e.g. uint4), or is a 64-bit NumPy array that JAX would narrow
+        (jax_enable_x64 off). Nothing is written.
       FileExistsError: ``step`` exists and ``overwrite`` is False. Nothing is
         written.
       OSError: writing failed (for example the disk is full). The partial copy is
@@ -573,6 +574,16 @@ def save_checkpoint(
                 'arrays and numbers only. Keep other objects (configs, strings) out of '
                 'the saved tree, or store them separately.'
             )
+        if isinstance(leaf, (np.ndarray, np.generic)):
+            narrowed = jax.dtypes.canonicalize_dtype(leaf.dtype)
+            if narrowed != leaf.dtype:
+                raise TypeError(
+                    f'Leaf {path or "<root>"} is a NumPy {leaf.dtype} array, which JAX '
+                    f'would narrow to {narrowed} because jax_enable_x64 is off: its '
+                    'values could change and the saved dtype would not match it, so '
+                    f'nothing was saved. Cast it yourself (.astype(np.{narrowed})) or '
+                    'enable jax_enable_x64 before saving.'
+                )
         leaf = jax.numpy.asarray(leaf)
         shape, dtype = _leaf_spec(leaf)
         shapes.append(shape)
