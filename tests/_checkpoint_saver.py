@@ -52,25 +52,43 @@ def _tx():
     return lion_optax.lion(1e-2, weight_decay=0.1, mu_dtype=jnp.bfloat16)
 
 
-def initial_state():
-    """State 0, its params' first axis sharded over every device (two in the children)."""
+def _initial_values():
     params = {
         'w': jnp.asarray(np.linspace(-1.0, 1.0, 6).reshape(2, 3), jnp.float32),
         'b': jnp.zeros((3,), jnp.float32),
     }
-    state = {
+    return {
         'params': params,
         'opt_state': _tx().init(params),
         'key': jax.random.key(0),
         'empty': jnp.zeros((0, 2), jnp.float32),
         'i': jnp.int32(0),
     }
+
+
+def _shardings(tree):
+    """The params' first axis (and the momentum's) split over every device, the rest replicated."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ('d',))
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = jax.tree.map(lambda x: rows if x.shape == (2, 3) else replicated, state)
+    return jax.tree.map(lambda x: rows if x.shape == (2, 3) else replicated, tree)
+
+
+def initial_state():
+    """State 0, sharded by ``_shardings`` (over two devices in the children)."""
+    state = _initial_values()
     # Committed like advance's outputs and restored arrays, so that advance compiles once.
-    return jax.device_put(state, shardings)
+    return jax.device_put(state, _shardings(state))
+
+
+def abstract_state():
+    """Shapes, dtypes and shardings of every state, without computing one (cheaper)."""
+    shapes = jax.eval_shape(_initial_values)
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes,
+        _shardings(shapes),
+    )
 
 
 @jax.jit
@@ -153,11 +171,10 @@ def _child(trial, folder, max_saves, fault):
     # leaves none.
     warnings.filterwarnings('error', message='restore_checkpoint', category=RuntimeWarning)
     _install_fault(fault)
-    state = initial_state()
     if checkpoint.latest_step(folder) is None:
-        resumed = -1
+        state, resumed = initial_state(), -1
     else:
-        state = _restore_onto(folder, state)
+        state = _restore_onto(folder, abstract_state())
         resumed = int(state['i'])
         state = advance(state)
     _emit(f'{trial} resumed {resumed}')
