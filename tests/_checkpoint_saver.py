@@ -1,9 +1,10 @@
 """Savers to be SIGKILLed, for the kill tests in tests/test_checkpoint.py.
 
 Imported as a module, this file defines the training run that both sides agree on: the
-state after ``i`` steps is a deterministic function of ``i`` (a tiny Lion run with bfloat16
-momentum, carrying a PRNG key and a zero-size leaf), and it is saved at step ``label(i) = i // 2``,
-so every odd save overwrites the step that the save before it created.
+state after ``i`` steps is a deterministic function of ``i`` (a tiny Lion run with
+bfloat16 momentum, carrying a PRNG key and a zero-size leaf), and it is saved at step
+``label(i) = i // 2``, so every odd save overwrites the step that the save before it
+created.
 
 Run as a script, it is a fork server. Each kill trial needs a process of its own, and
 importing JAX, orbax and lion_optax costs about 2 s of CPU; the server pays that once, before
@@ -22,7 +23,9 @@ lines never interleave:
   ``TRIAL exit code=C``. Every line the child printed comes before this reply.
 * ``quit`` (or the end of stdin) ends the server.
 
-The server announces itself with ``server ready``.
+The server announces itself with ``server ready``. Its children have two CPU devices: they
+save the params sharded over both, and check that a restore puts every array back on the
+sharding of its target (the test process, with one device, restores the same files).
 
 A child that raises prints ``TRIAL error MESSAGE`` (the traceback goes to stderr) and exits 1.
 """
