@@ -1,15 +1,29 @@
-"""Checkpoints: exact round trips, refusal of mismatched targets, and resume.
+"""Checkpoints: exact round trips, refusal of mismatched targets, resume, and no data loss.
 
 The resume test trains half the steps here and saves; a child process (this file
 run as a script) restores, trains the rest and saves; the result must equal this
 process's uninterrupted run bit for bit, for float32, bfloat16 and int8 momentum.
+
+The kill tests SIGKILL savers (children of the fork server in _checkpoint_saver.py)
+at random moments and at every point of an overwrite; after each kill the newest
+complete state must restore bit for bit and the next run must resume from it. The
+corruption tests flip bytes in saved files and damage step folders.
 """
 
+import collections
+import concurrent.futures
 import functools
 import os
+import queue
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
+import _checkpoint_saver as saver
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +32,8 @@ import pytest
 
 import lion_optax
 from lion_optax import CheckpointMismatchError, latest_step, restore_checkpoint, save_checkpoint
+from lion_optax._src import checkpoint
+from lion_optax._src.checkpoint import CheckpointCorruptError
 
 TOTAL_STEPS = 6
 SPLIT_STEP = 3
@@ -156,6 +172,184 @@ def test_bad_step_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Checkpoints that cannot lie: checksums, incomplete steps, failed saves.
+# ---------------------------------------------------------------------------
+
+
+def _flip_byte(path, offset=None):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 if offset is None else offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def _array_data_files(folder):
+    return sorted(p for p in (folder / 'arrays').rglob('*') if p.is_file() and p.parent.name == 'd')
+
+
+def test_flipped_byte_in_array_data_is_refused_naming_the_file(tmp_path):
+    tree = _mixed_tree()
+    folder = save_checkpoint(tmp_path, 4, tree)
+    data_files = _array_data_files(folder)
+    assert data_files, sorted(p.relative_to(folder) for p in folder.rglob('*'))
+    for victim in data_files:
+        original = victim.read_bytes()
+        _flip_byte(victim)
+        with pytest.raises(CheckpointCorruptError) as info:
+            restore_checkpoint(tmp_path, tree)
+        message = str(info.value)
+        assert 'step 4' in message and 'is corrupt (1 file(s)' in message
+        assert victim.relative_to(folder).as_posix() in message
+        assert 'array data' in message and 'Nothing was restored' in message
+        # Also when the step is named, and before the target is even compared.
+        with pytest.raises(CheckpointCorruptError):
+            restore_checkpoint(tmp_path, {'other': jnp.zeros(2)}, step=4)
+        victim.write_bytes(original)
+    _assert_trees_bitwise_equal(restore_checkpoint(tmp_path, tree)[0], tree)
+
+
+def test_flipped_byte_in_tree_description_or_manifest_is_refused(tmp_path):
+    tree = {'w': jnp.arange(3.0)}
+    folder = save_checkpoint(tmp_path, 0, tree)
+    spec = folder / 'lion_optax' / 'metadata'
+    original = spec.read_bytes()
+    _flip_byte(spec, original.index(b'float32') + 5)  # 'float32' becomes 'floaT32'
+    with pytest.raises(CheckpointCorruptError, match='lion_optax/metadata .the description'):
+        restore_checkpoint(tmp_path, tree)
+    spec.write_bytes(original)
+    manifest = folder / 'lion_optax_manifest.json'
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"step": 0', '"step": 1'))
+    assert latest_step(tmp_path) is None
+    with pytest.raises(CheckpointCorruptError, match='manifest .* is damaged'):
+        restore_checkpoint(tmp_path, tree, step=0)
+
+
+def test_step_without_its_arrays_is_skipped_explained_and_fallen_back_from(tmp_path):
+    save_checkpoint(tmp_path, 1, {'x': jnp.float32(1)})
+    save_checkpoint(tmp_path, 2, {'x': jnp.float32(2)})
+    # What a format-1 save killed part-way left: the tree description, no arrays, no manifest.
+    shutil.rmtree(tmp_path / '2' / 'arrays')
+    (tmp_path / '2' / 'lion_optax_manifest.json').unlink()
+    assert latest_step(tmp_path) == 1
+    with pytest.warns(RuntimeWarning, match=r'step 2 .*no lion_optax_manifest.json') as record:
+        restored, step = restore_checkpoint(tmp_path, {'x': jnp.float32(0)})
+    assert (step, float(restored['x'])) == (1, 1.0)
+    assert 'restores step 1' in str(record[0].message)
+    with pytest.raises(FileNotFoundError) as info:
+        restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=2)
+    message = str(info.value)
+    assert 'step 2' in message and 'is incomplete' in message and 'interrupted' in message
+    assert 'Complete steps: 1.' in message
+    # A committed step whose arrays were deleted afterwards: damaged, named, never restored.
+    save_checkpoint(tmp_path, 3, {'x': jnp.float32(3)})
+    shutil.rmtree(tmp_path / '3' / 'arrays')
+    assert latest_step(tmp_path) == 1
+    with pytest.raises(CheckpointCorruptError, match=r'step 3 .* is damaged: arrays/.*missing'):
+        restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=3)
+    with pytest.warns(RuntimeWarning, match='step 3'):
+        assert restore_checkpoint(tmp_path, {'x': jnp.float32(0)})[1] == 1
+    # Saving over the debris needs overwrite=True, and then works.
+    with pytest.raises(FileExistsError, match='not a complete checkpoint'):
+        save_checkpoint(tmp_path, 2, {'x': jnp.float32(-2)})
+    save_checkpoint(tmp_path, 2, {'x': jnp.float32(-2)}, overwrite=True)
+    assert float(restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=2)[0]['x']) == -2.0
+
+
+def test_format_1_checkpoint_is_not_restored_and_says_why(tmp_path):
+    folder = save_checkpoint(tmp_path, 8, {'x': jnp.float32(8)})
+    # Format 1 had no manifest and said format_version 1 in the tree description.
+    (folder / 'lion_optax_manifest.json').unlink()
+    spec = folder / 'lion_optax' / 'metadata'
+    spec.write_text(spec.read_text().replace('"format_version": 2', '"format_version": 1'))
+    assert latest_step(tmp_path) is None
+    with pytest.raises(CheckpointMismatchError, match=r'step 8 .* format 1.*save it again'):
+        restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=8)
+    with pytest.raises(FileNotFoundError, match=r'No checkpoint.*not complete:\n  step 8'):
+        restore_checkpoint(tmp_path, {'x': jnp.float32(0)})
+
+
+def test_zero_size_leaves_round_trip(tmp_path):
+    tree = {
+        'empty': jnp.zeros((0, 3), jnp.bfloat16),
+        'keys': jax.random.split(jax.random.key(1), 0),
+        'full': jnp.arange(4, dtype=jnp.int8),
+    }
+    save_checkpoint(tmp_path, 0, tree)
+    restored, _ = restore_checkpoint(tmp_path, jax.eval_shape(lambda: tree))
+    _assert_trees_bitwise_equal(restored, tree)
+    restored, _ = restore_checkpoint(tmp_path, tree)  # onto the leaves' shardings
+    _assert_trees_bitwise_equal(restored, tree)
+    assert restored['empty'].sharding.is_equivalent_to(tree['empty'].sharding, 2)
+    # Nothing but zero-size leaves, and no leaves at all.
+    save_checkpoint(tmp_path, 1, {'e': jnp.zeros((2, 0))})
+    restored, _ = restore_checkpoint(tmp_path, {'e': jnp.zeros((2, 0))}, step=1)
+    _assert_trees_bitwise_equal(restored, {'e': jnp.zeros((2, 0))})
+    save_checkpoint(tmp_path, 2, {})
+    assert restore_checkpoint(tmp_path, {}, step=2) == ({}, 2)
+    assert sorted(os.listdir(tmp_path)) == ['0', '1', '2']
+
+
+def test_unstorable_leaf_is_refused_before_anything_is_written(tmp_path):
+    save_checkpoint(tmp_path, 1, {'x': jnp.ones(2)})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+    bad = {'x': jnp.ones(2), 'packed': jnp.ones(4, jnp.uint4)}
+    with pytest.raises(TypeError, match=r"Leaf \['packed'\] has dtype uint4.*nothing was saved"):
+        save_checkpoint(tmp_path, 2, bad)
+    with pytest.raises(TypeError, match='uint4'):
+        save_checkpoint(tmp_path, 1, bad, overwrite=True)
+    # Without jax_enable_x64, JAX would turn 2**40 into 0 on the way to orbax.
+    wide = {'x': jnp.ones(2), 'counter': np.array([2**40], np.uint64)}
+    with pytest.raises(TypeError, match=r"\['counter'\] is a NumPy uint64 array.*narrow to uint32"):
+        save_checkpoint(tmp_path, 2, wide)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
+
+
+def test_failed_save_leaves_nothing_and_keeps_the_old_copy(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {'x': jnp.ones(2)})
+
+    def disk_full(folder, step):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(checkpoint, '_write_manifest', disk_full)
+    for step in (1, 2):  # an overwrite and a new step
+        with pytest.raises(OSError, match='No space left'):
+            save_checkpoint(tmp_path, step, {'x': jnp.zeros(2)}, overwrite=True)
+        assert os.listdir(tmp_path) == ['1']
+    restored, step = restore_checkpoint(tmp_path, {'x': jnp.zeros(2)})
+    assert step == 1 and restored['x'].tolist() == [1.0, 1.0]
+
+
+def test_leftovers_of_killed_saves_are_ignored_and_removed_by_the_next_save(tmp_path):
+    folder, elsewhere = tmp_path / 'run', tmp_path / 'elsewhere'
+    save_checkpoint(folder, 1, {'x': jnp.float32(1)})
+    # Leftovers: orbax's temporary folder from format 1, a half-written staging copy, a
+    # complete staging copy that was never switched in, and the old copy of step 1 that an
+    # overwrite renamed aside and was killed before deleting.
+    (folder / '5.orbax-checkpoint-tmp-1234' / 'arrays').mkdir(parents=True)
+    (folder / '6.lion_optax-saving.orbax-checkpoint-tmp').mkdir()
+    os.rename(save_checkpoint(elsewhere, 7, {'x': jnp.float32(7)}), folder / '7.lion_optax-saving')
+    old = save_checkpoint(elsewhere, 1, {'x': jnp.float32(-1)})
+    os.rename(old, folder / '1.lion_optax-replaced')
+    assert latest_step(folder) == 1
+    assert float(restore_checkpoint(folder, {'x': jnp.float32(0)})[0]['x']) == 1.0
+    save_checkpoint(folder, 2, {'x': jnp.float32(2)})
+    assert sorted(os.listdir(folder)) == ['1', '2']
+    assert float(restore_checkpoint(folder, {'x': jnp.float32(0)}, step=1)[0]['x']) == 1.0
+
+
+def test_overwrite_killed_between_its_renames_keeps_the_old_copy(tmp_path):
+    save_checkpoint(tmp_path, 3, {'x': jnp.float32(3)})
+    os.rename(tmp_path / '3', tmp_path / '3.lion_optax-replaced')  # the state after rename 1
+    assert latest_step(tmp_path) == 3
+    assert restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=3)[1] == 3
+    with pytest.raises(FileExistsError, match='interrupted overwrite'):
+        save_checkpoint(tmp_path, 3, {'x': jnp.float32(-3)})
+    save_checkpoint(tmp_path, 4, {'x': jnp.float32(4)})  # cleans up: puts 3 back
+    assert sorted(os.listdir(tmp_path)) == ['3', '4']
+    assert float(restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=3)[0]['x']) == 3.0
+
+
+# ---------------------------------------------------------------------------
 # Resume in a new process, bit for bit.
 # ---------------------------------------------------------------------------
 
@@ -255,3 +449,239 @@ def test_resume_in_new_process_is_bitwise_identical(tmp_path):
 
 if __name__ == '__main__':
     _resume_in_child(sys.argv[1])
+
+
+# ---------------------------------------------------------------------------
+# Savers killed with SIGKILL: at random moments, and at each point of an overwrite.
+# ---------------------------------------------------------------------------
+
+KILL_SEED = 20261203
+KILL_CHAINS = 4  # independent folders, run concurrently
+KILLS_PER_CHAIN = 5  # each kill ends one child; the next child resumes from what is left
+_STEP_NAME = re.compile(r'^(\d+|\d+\.(lion_optax-saving|lion_optax-replaced)(\..*)?)$')
+
+
+class _SaverServer:
+    """Drives the fork server of _checkpoint_saver.py from several threads."""
+
+    def __init__(self, cache_dir):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_checkpoint_saver.py')
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(lion_optax.__file__)))
+        pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS='cpu',
+            PYTHONPATH=pythonpath,
+            # One BLAS thread: the server then has a single thread when it forks.
+            OPENBLAS_NUM_THREADS='1',
+            # The first children compile; the others load their executables (~0.15 s each).
+            JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+        )
+        self._process = subprocess.Popen(
+            [sys.executable, script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self._events = collections.defaultdict(queue.Queue)
+        self._pids = {}
+        self._write_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.expect('server', 'ready', timeout=120)
+
+    def _read(self):
+        for line in self._process.stdout:
+            trial, kind, value = (line.rstrip('\n').split(' ', 2) + ['', ''])[:3]
+            self._events[trial].put((kind, value))
+        self._events['server'].put(('gone', 'the fork server ended'))
+
+    def _send(self, line):
+        with self._write_lock:
+            self._process.stdin.write(line + '\n')
+            self._process.stdin.flush()
+
+    def expect(self, trial, kind, timeout=60):
+        try:
+            got, value = self._events[trial].get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f'{trial}: no "{kind}" line within {timeout} s')
+        if got != kind:
+            pytest.fail(f'{trial}: expected "{kind}", got "{got} {value}"')
+        return value
+
+    def run(self, trial, folder, max_saves=40, fault='-'):
+        self._send(f'run {trial} {folder} {max_saves} {fault}')
+        self._pids[trial] = int(self.expect(trial, 'pid'))
+        return int(self.expect(trial, 'resumed', timeout=120))
+
+    def kill(self, trial):
+        # The child is not reaped before `wait`, so its pid cannot have been reused.
+        os.kill(self._pids[trial], signal.SIGKILL)
+
+    def wait(self, trial):
+        """Waits for the child to end; returns its exit and the indices it reported saved."""
+        self._send(f'wait {trial}')
+        saved = []
+        while True:
+            kind, value = self._events[trial].get(timeout=60)
+            if kind == 'exit':
+                del self._pids[trial]
+                return value, saved
+            if kind == 'error':
+                pytest.fail(f'{trial} failed: {value}')
+            assert kind == 'saved', (kind, value)
+            saved.append(int(value))
+
+    def close(self):
+        for pid in self._pids.values():  # left running only if a test failed
+            os.kill(pid, signal.SIGKILL)
+        try:
+            self._send('quit')
+            self._process.stdin.close()
+            self._process.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(timeout=30)
+        self._process.stdout.close()
+
+
+@pytest.fixture(scope='module')
+def saver_server(tmp_path_factory):
+    server = _SaverServer(tmp_path_factory.mktemp('jax_cache'))
+    try:
+        # Two runs that are not killed fill JAX's compilation cache, so that no entry is
+        # written while another child reads it, or left truncated by a kill.
+        warm_up = tmp_path_factory.mktemp('warm_up')
+        for trial in ('warm-up', 'warm-up.resumed'):
+            server.run(trial, warm_up, max_saves=1)
+            assert server.wait(trial)[0] == 'code=0', trial
+        yield server
+    finally:
+        server.close()
+
+
+class _Run:
+    """The uninterrupted run, computed here, and the checks made after every kill."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.states = [saver.initial_state()]
+
+    def state(self, i):
+        while len(self.states) <= i:
+            self.states.append(saver.advance(self.states[-1]))
+        return self.states[i]
+
+    def check_after_kill(self, folder, newest, context):
+        """The newest complete state restores bit for bit; returns its index (-1: none).
+
+        ``newest`` is the newest index the killed child reported saved (or resumed from):
+        that state, or the next one if its save got as far as the switch, must restore.
+        """
+        with self.lock:
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            assert all(_STEP_NAME.match(n) for n in names), (context, names)
+            step = latest_step(folder)
+            if step is None:
+                assert newest == -1, (context, names)
+                return -1
+            restored, restored_step = restore_checkpoint(folder, self.state(0))
+            i = int(restored['i'])
+            assert restored_step == step == saver.label(i), (context, i, names)
+            assert newest <= i <= newest + 1, (context, newest, i, names)
+            _assert_trees_bitwise_equal(restored, self.state(i))
+            # Every older step is still there and complete.
+            assert checkpoint._complete_steps(folder) == list(range(step + 1)), (context, names)
+            return i
+
+    def resume_here(self, folder, context):
+        """A later run resumes, saves once, and so removes every leftover."""
+        with self.lock:
+            restored, _ = restore_checkpoint(folder, self.state(0))
+            i = int(restored['i']) + 1
+            save_checkpoint(folder, saver.label(i), saver.advance(restored), overwrite=i % 2 == 1)
+            names = sorted(os.listdir(folder))
+            assert names == sorted(str(s) for s in range(saver.label(i) + 1)), (context, names)
+            _assert_trees_bitwise_equal(restore_checkpoint(folder, self.state(0))[0], self.state(i))
+
+
+def _kill_chain(server, run, folder, name, rng):
+    """Children that resume from ``folder`` and are killed at random moments, one by one."""
+    for k in range(KILLS_PER_CHAIN):
+        trial = f'{name}.{k}'
+        resumed = server.run(trial, folder)
+        saves = int(rng.integers(0, 3))
+        delay = float(rng.uniform(0.0, 0.15))
+        context = f'{trial}: killed {1000 * delay:.0f} ms after {saves} save(s) (seed {KILL_SEED})'
+        reported = [int(server.expect(trial, 'saved')) for _ in range(saves)]
+        time.sleep(delay)
+        server.kill(trial)
+        exit_status, more = server.wait(trial)
+        assert exit_status == 'signal=9', f'{context}: ended with {exit_status} before the kill'
+        run.check_after_kill(folder, max([resumed, *reported, *more]), context)
+    run.resume_here(folder, name)
+
+
+def test_saves_killed_at_random_moments_lose_nothing(saver_server, tmp_path):
+    run = _Run()
+    run.state(KILLS_PER_CHAIN * 4)  # compile and compute here before the children start
+    with concurrent.futures.ThreadPoolExecutor(KILL_CHAINS) as pool:
+        chains = [
+            pool.submit(
+                _kill_chain,
+                saver_server,
+                run,
+                tmp_path / f'chain{c}',
+                f'chain{c}',
+                np.random.default_rng([KILL_SEED, c]),
+            )
+            for c in range(KILL_CHAINS)
+        ]
+        for chain in chains:
+            chain.result()
+
+
+# Saves 0-3 of a fresh run are: step 0 (new), step 0 (overwrite), step 1, step 1 (overwrite).
+# Each fault kills save 3, the overwrite of step 1 (whose old copy holds state 2), at one point.
+_OVERWRITE_KILLS = {
+    'before-manifest:4': 2,  # orbax wrote the new copy; no manifest yet
+    'after-manifest:4': 2,  # the new copy is complete, not switched in
+    'after-rename:5': 2,  # the old copy renamed aside; '1' does not exist
+    'after-rename:6': 3,  # the new copy switched in; the old one not deleted
+    'remove-half:2': 3,  # the old copy half deleted
+}
+
+
+def _kill_at(server, run, folder, fault, expected):
+    trial = f'fault.{fault.replace(":", "_")}'
+    server.run(trial, folder, fault=fault)
+    exit_status, saved = server.wait(trial)
+    assert exit_status == 'signal=9', f'{trial}: never reached {fault} ({exit_status})'
+    assert saved == list(range(3)), (trial, saved)
+    assert run.check_after_kill(folder, 2, trial) == expected
+    # The next run is killed in turn, in the middle of removing the first leftover (or the
+    # old copy of its own overwrite), and still nothing is lost.
+    trial += '.again'
+    resumed = server.run(trial, folder, fault='remove-half:1')
+    assert resumed == expected
+    exit_status, saved = server.wait(trial)
+    assert exit_status == 'signal=9', f'{trial}: never reached remove-half:1 ({exit_status})'
+    run.check_after_kill(folder, max([resumed, *saved]), trial)
+    run.resume_here(folder, trial)
+
+
+def test_kill_at_each_point_of_an_overwrite_keeps_a_complete_copy(saver_server, tmp_path):
+    run = _Run()
+    run.state(8)
+    with concurrent.futures.ThreadPoolExecutor(len(_OVERWRITE_KILLS)) as pool:
+        trials = [
+            pool.submit(_kill_at, saver_server, run, tmp_path / str(n), fault, expected)
+            for n, (fault, expected) in enumerate(_OVERWRITE_KILLS.items())
+        ]
+        for trial in trials:
+            trial.result()
