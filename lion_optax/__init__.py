@@ -54,6 +54,7 @@ from lion_optax._src.sharding import (
 
 # Checkpoints that refuse a mismatched optimizer.
 from lion_optax._src.checkpoint import (
+    CheckpointCorruptError,
     CheckpointMismatchError,
     latest_step,
     restore_checkpoint,
@@ -64,6 +65,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'AddDecoupledWeightDecayState',
+    'CheckpointCorruptError',
     'CheckpointMismatchError',
     'Collective',
     'ConstraintDiagnostics',

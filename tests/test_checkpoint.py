@@ -126,13 +126,49 @@ def test_shape_mismatch_is_refused(tmp_path):
 
 def test_other_optimizer_state_is_refused(tmp_path):
     params = {'w': jnp.ones(3)}
-    save_checkpoint(tmp_path, 0, {'opt_state': optax.lion(1e-3).init(params)})
-    target = {'opt_state': lion_optax.lion(1e-3).init(params)}
+    save_checkpoint(tmp_path, 0, {'opt_state': lion_optax.lion(1e-3).init(params)})
+    target = {'opt_state': lion_optax.skip_nonfinite(lion_optax.lion(1e-3)).init(params)}
     with pytest.raises(CheckpointMismatchError) as info:
         restore_checkpoint(tmp_path, target)
     message = str(info.value)
     assert 'in the checkpoint only' in message and 'in the target only' in message
     assert '.skipped_steps: in the target only, int32[]' in message
+
+
+@pytest.mark.parametrize('kwargs', [
+    {},
+    dict(b1=0.95, b2=0.98, weight_decay=0.3, mask={'w': True, 'b': False}),
+    dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 10), weight_decay=optax.linear_schedule(0.1, 0.0, 10)),
+])
+def test_optax_lion_checkpoint_continues_in_lion_optax_and_back(tmp_path, kwargs):
+    """The drop-in: optax.lion's state restores into lion_optax.lion (and back) and
+    the run continues bit for bit (float32, finite gradients)."""
+    kwargs = dict(dict(learning_rate=1e-2), **kwargs)
+    rng = np.random.default_rng(0)
+    params = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+              'b': jnp.asarray(rng.normal(size=3), jnp.float32)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+             for _ in range(6)]
+    theirs, ours = optax.lion(**kwargs), lion_optax.lion(**kwargs)
+
+    def run(tx, params, state, gs):
+        update = jax.jit(tx.update)
+        for g in gs:
+            updates, state = update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    p_half, s_half = run(theirs, params, theirs.init(params), grads[:3])
+    expected = run(theirs, p_half, s_half, grads[3:])
+    save_checkpoint(tmp_path, 3, {'params': p_half, 'opt_state': s_half})
+    target = {'params': params, 'opt_state': ours.init(params)}
+    restored, _ = restore_checkpoint(tmp_path, target)
+    continued = run(ours, restored['params'], restored['opt_state'], grads[3:])
+    _assert_trees_bitwise_equal(continued, expected)
+    # And back: a lion_optax state into optax.lion.
+    save_checkpoint(tmp_path, 6, {'params': continued[0], 'opt_state': continued[1]})
+    back, _ = restore_checkpoint(tmp_path, {'params': params, 'opt_state': theirs.init(params)})
+    _assert_trees_bitwise_equal(back['opt_state'], expected[1])
 
 
 def test_same_leaves_in_another_tree_type_are_refused(tmp_path):

@@ -51,8 +51,6 @@ Layout: ``directory/<step>/`` holds an orbax composite checkpoint with the items
 none) and ``lion_optax`` (a JSON description of the tree), plus the manifest.
 """
 
-from __future__ import annotations
-
 import concurrent.futures
 import errno
 import hashlib
@@ -100,7 +98,7 @@ class CheckpointCorruptError(ValueError):
 
     Example:
       >>> import tempfile, jax.numpy as jnp, lion_optax
-      >>> from lion_optax._src.checkpoint import CheckpointCorruptError
+      >>> from lion_optax import CheckpointCorruptError
       >>> folder = tempfile.mkdtemp()
       >>> state = {'w': jnp.arange(4.0)}
       >>> saved = lion_optax.save_checkpoint(folder, 1, state)

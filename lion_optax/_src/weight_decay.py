@@ -17,8 +17,11 @@ WEIGHT_DECAY_CONVENTIONS = ('paper', 'fully_decoupled')
 # The state of a weight-decay schedule, ``AddDecoupledWeightDecayState(count)``:
 # optax.add_decayed_weights' own class (optax does not export it; its init
 # returns one), so that lion()'s state is optax.lion's. A constant weight decay
-# keeps optax.EmptyState, as optax does.
-AddDecoupledWeightDecayState = type(optax.add_decayed_weights(lambda count: 0.0).init({}))
+# keeps optax.EmptyState, as optax does. (eval_shape: importing lion_optax must not
+# start a JAX backend, so that jax_num_cpu_devices can still be set after it.)
+AddDecoupledWeightDecayState = type(
+    jax.eval_shape(optax.add_decayed_weights(lambda count: 0.0).init, {})
+)
 
 
 def add_decoupled_weight_decay(
