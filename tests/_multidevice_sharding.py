@@ -121,8 +121,14 @@ def sharded_lion(mesh_kind: str) -> dict:
         out['jit_init_same'] = {k: _same_sharding(_mu(state)[k], params[k]) for k in params}
         out['jit_init_specs'] = {k: _spec(v) for k, v in _mu(state).items()}
 
-        update = jax.jit(tx.update)
         grads = [put(g) for g in grads_np]
+        for init_name, init in (('eager', tx.init), ('jit', jax.jit(tx.init))):
+            counted = jax.jit(tx.update)
+            counted_state = init(params)
+            for g in grads:
+                _, counted_state = counted(g, counted_state, params)
+            out[f'compilations_{init_name}_init'] = counted._cache_size()
+        update = jax.jit(tx.update)
         compiled = update.lower(grads[0], state, params).compile()
         out['update_collectives'] = _describe(lion_optax.hlo_collectives(compiled))
         skipping = lion_optax.lion(1e-2, weight_decay=0.1, nonfinite='skip_step')

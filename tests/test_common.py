@@ -213,3 +213,24 @@ def test_updates_keep_the_gradient_dtype(name):
     updates, _ = tx.update(grads, tx.init(params), params)
     assert _dtypes(updates) == _dtypes(params)
     assert all(np.isfinite(np.asarray(u, np.float32)).all() for u in jax.tree.leaves(updates))
+
+
+@variants
+@pytest.mark.parametrize('init', ['eager', 'jit'])
+@pytest.mark.parametrize('committed', [False, True])
+def test_the_jitted_step_compiles_once(name, init, committed):
+    """Eager or jitted init, committed or uncommitted parameters: one compilation."""
+    params, loss = _problem()
+    if committed:
+        params = jax.device_put(params, jax.devices()[0])
+    tx = VARIANTS[name](**HYPERPARAMS)
+    state = tx.init(params) if init == 'eager' else jax.jit(tx.init)(params)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(3):
+        params, state = step(params, state)
+    assert step._cache_size() == 1

@@ -197,6 +197,12 @@ def test_sharded_update_compiles_without_collectives(eight_devices, mesh):
 
 
 @pytest.mark.parametrize('mesh', MESHES)
+def test_sharded_step_compiles_once_after_eager_or_jitted_init(eight_devices, mesh):
+    assert eight_devices[mesh]['compilations_eager_init'] == 1
+    assert eight_devices[mesh]['compilations_jit_init'] == 1
+
+
+@pytest.mark.parametrize('mesh', MESHES)
 def test_sharded_lion_equals_the_single_device_run(eight_devices, mesh):
     assert eight_devices[mesh]['max_diff_vs_single_device'] <= 1e-6
 

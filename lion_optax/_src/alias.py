@@ -8,7 +8,7 @@ import optax
 from lion_optax._src import kappa as kappa_lib
 from lion_optax._src import nonfinite as nonfinite_lib
 from lion_optax._src import param_rounding as param_rounding_lib
-from lion_optax._src import validation
+from lion_optax._src import sharding, validation
 from lion_optax._src.direction import Rounding, scale_by_lion
 from lion_optax._src.weight_decay import WeightDecayConvention, weight_decay_for_learning_rate
 
@@ -152,5 +152,9 @@ def lion(
             transformation, seed=seed, step_count=lambda state: state[0].count
         )
     if nonfinite == 'skip_step':
-        return nonfinite_lib.skip_step_if_nonfinite(transformation)
-    return optax.with_extra_args_support(transformation)
+        transformation = nonfinite_lib.skip_step_if_nonfinite(transformation)
+    transformation = optax.with_extra_args_support(transformation)
+    return optax.GradientTransformationExtraArgs(
+        lambda params: sharding.place_like_params(transformation.init(params), params),
+        transformation.update,
+    )

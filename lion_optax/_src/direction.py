@@ -260,9 +260,11 @@ def scale_by_lion(
         mu = treedef.unflatten([stored for stored, _ in zeros])
         count = jnp.zeros([], jnp.int32)
         if int8 is None:
-            return ScaleByLionState(count=count, mu=mu)
-        scales = treedef.unflatten([scales for _, scales in zeros])
-        return ScaleByLionInt8State(count=count, mu=mu, mu_scales=scales)
+            state = ScaleByLionState(count=count, mu=mu)
+        else:
+            scales = treedef.unflatten([scales for _, scales in zeros])
+            state = ScaleByLionInt8State(count=count, mu=mu, mu_scales=scales)
+        return sharding.place_like_params(state, params)
 
     def leaf_step(g, stored, scales, word):
         """One parameter's interpolation and new stored momentum."""

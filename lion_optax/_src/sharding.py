@@ -39,6 +39,23 @@ def _mesh_axis_types(x: Any) -> tuple[Any, ...]:
     return tuple(mesh.axis_types)
 
 
+def _full_rank(sharding: Any, ndim: int) -> Any:
+    """A NamedSharding's spec padded with None to ``ndim`` entries (as jit returns it).
+
+    ``P()`` and ``P(None, None)`` shard a matrix alike, but a jitted step's
+    outputs on an Explicit mesh carry the padded form (on an Auto mesh the
+    form given), and ``jit`` compiles again for a spec written differently.
+    """
+    if (
+        not isinstance(sharding, NamedSharding)
+        or AxisType.Explicit not in sharding.mesh.axis_types
+        or len(sharding.spec) >= ndim
+    ):
+        return sharding
+    spec = P(*sharding.spec, *([None] * (ndim - len(sharding.spec))))
+    return NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+
+
 def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
     """Zeros with ``x``'s shape and sharding, in ``dtype`` (default ``x``'s).
 
@@ -49,16 +66,17 @@ def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
     the sharding in every context:
 
     - a concrete ``jax.Array`` (eager ``init``): the zeros are created directly
-      with ``x.sharding``;
+      with ``x.sharding`` (committed when ``x`` is, uncommitted otherwise);
     - under ``jit`` on a mesh with ``Auto`` axes: the zeros are tied to ``x`` by
       ``jax.experimental.shard_alike``, so sharding propagation gives them
       ``x``'s sharding, whatever it turns out to be;
-    - under ``jit`` on an ``Explicit`` mesh (with or without ``jax.set_mesh``):
-      the sharding is part of ``x``'s type and the zeros take it; an
-      optimisation barrier keeps ``x`` an input of the computation so that
-      ``jit`` knows its devices;
-    - inside ``shard_map`` (``Manual`` axes), under ``vmap``, on one device, or
-      for NumPy inputs: plain zeros, which is already right there.
+    - under ``jit`` on an ``Explicit`` mesh (with or without ``jax.set_mesh``)
+      or on one device: the sharding is part of ``x``'s type and the zeros
+      take it; an optimisation barrier keeps ``x`` an input of the
+      computation so that ``jit`` knows its devices and returns the zeros
+      committed like the parameters;
+    - inside ``shard_map`` (``Manual`` axes), or for NumPy inputs: plain
+      zeros, which is already right there.
 
     It reads nothing of ``x``'s values (NaN or Inf parameters still give
     exact zeros) and costs nothing in the compiled program.
@@ -80,18 +98,71 @@ def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
     """
     dtype = jnp.result_type(x) if dtype is None else dtype
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        return jnp.zeros(x.shape, dtype, device=x.sharding)
+        # Committed like x: an uncommitted parameter gets uncommitted zeros, so
+        # that the state's arrays look like the step's outputs and the jitted
+        # step compiles once.
+        return jnp.zeros(x.shape, dtype, device=_full_rank(x.sharding, x.ndim) if x.committed else None)
     if not isinstance(x, jax.Array):  # NumPy arrays, Python scalars
         return jnp.zeros(jnp.shape(x), dtype)
     axis_types = _mesh_axis_types(x)
     zeros = jnp.zeros_like(x, dtype=dtype)  # takes explicit axes from x's type
-    if not axis_types or AxisType.Manual in axis_types:
+    if AxisType.Manual in axis_types:
         return zeros
-    if AxisType.Explicit in axis_types:
+    if AxisType.Auto not in axis_types:
+        # Keeps x an input of the computation: jit then knows x's devices and
+        # returns the zeros committed to them like every later step's outputs
+        # (else the step compiles once more when the state comes back committed).
         zeros = jax.lax.optimization_barrier((x, zeros))[1]
-    if AxisType.Auto in axis_types:
+    else:
         zeros = shard_alike(x, zeros)[1]
     return zeros
+
+
+def place_like_params(state: Any, params: Any) -> Any:
+    """Commits the uncommitted arrays of an eagerly built ``state`` where ``params`` live.
+
+    A state whose momentum is committed to the parameters' devices but whose
+    step counts are not makes the jitted step compile twice: once for the
+    mixture, once more when every output comes back committed. When the
+    parameters are committed concrete arrays, every uncommitted array of
+    ``state`` is put on their devices (replicated over their mesh); otherwise
+    (uncommitted parameters, tracers under ``jit``) ``state`` is returned as is.
+
+    Args:
+      state: an optimizer state built by ``init``.
+      params: the parameters given to ``init``.
+
+    Returns:
+      ``state``, with the same values.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from lion_optax._src.sharding import place_like_params
+      >>> params = jax.device_put(jnp.ones(3), jax.devices()[0])
+      >>> state = place_like_params(optax.lion(1e-3).init(params), params)
+      >>> state[0].count.committed, state[0].mu.committed
+      (True, True)
+    """
+    committed = [
+        leaf
+        for leaf in jax.tree.leaves(params)
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.committed
+    ]
+    if not committed:
+        return state
+    sharding = committed[0].sharding
+    if isinstance(sharding, NamedSharding):
+        replicated = NamedSharding(sharding.mesh, P())
+    else:
+        replicated = jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+
+    def place(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            if not leaf.committed:
+                return jax.device_put(leaf, replicated)
+        return leaf
+
+    return jax.tree.map(place, state)
 
 
 # ---------------------------------------------------------------------------
