@@ -3,14 +3,17 @@
 One jitted optimizer step plus ``optax.apply_updates`` with the parameters and the
 optimizer state donated, on parameter trees of several sizes. Lion is memory
 bound: per float32 parameter a step must read the parameter, the gradient and the
-momentum and write the parameter and the momentum, 20 bytes, the roofline. The
-roofline is measured in the same run, on the same buffers, by a bandwidth probe
-``p <- p - lr * g`` (12 bytes per parameter): ``roofline = probe * 20 / 12``.
+momentum and write the parameter and the momentum, 20 bytes (16 with a bf16
+momentum, 14.25 with int8 codes and their scales), its roofline. The roofline is
+measured in the same run, on the same buffers, by a bandwidth probe
+``p <- p - lr * g`` (12 bytes per parameter): ``roofline = probe * bytes / 12``.
+Trees: 16 equal leaves of 1M, 8M (and 64M) parameters, and a GPT-shaped tree
+(12 blocks, width 256: 148 leaves of very different sizes).
 
 Timing is interleaved (every method once per round, rounds repeated), so a load
 change on the machine hits all methods alike; we report medians with the 25-75 %
-spread, and ratios (ours / optax.lion, time / roofline) computed round by round
-and then summarised, all from this one run.
+spread, and ratios (ours / the peer's time in the same round, time / roofline)
+computed round by round and then summarised, all from this one run.
 
 Memory: the optimizer state's bytes per parameter, and the compiled step's
 footprint from ``memory_analysis()`` (arguments, outputs, aliased and temporary
@@ -18,19 +21,15 @@ bytes). The compiled HLO is inspected too: loop fusions and copies per step.
 
 Usage::
 
-    python benchmarks/step_speed.py            # full: 1M, 8M, 64M params, 200 small leaves
-    python benchmarks/step_speed.py --quick    # < 2 minutes on 2 CPU cores
+    python benchmarks/step_speed.py            # full: 1M, 8M, 64M params, GPT-shaped tree
+    python benchmarks/step_speed.py --quick    # < 3 minutes on 2 CPU cores
     python benchmarks/step_speed.py --out results/step_speed/ --rounds 30
 
 Writes ``step_speed.json``, ``step_speed.md`` and ``step_speed.png`` to ``--out``.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -43,7 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _machine import machine  # noqa: E402
+from _model_trees import gpt_tree  # noqa: E402
 
 import lion_optax  # noqa: E402
 
@@ -56,39 +59,48 @@ def _probe() -> optax.GradientTransformation:
     return optax.scale(-LEARNING_RATE)
 
 
-def methods(full: bool) -> dict[str, Callable[[], optax.GradientTransformation]]:
-    """The optimizers timed, by name (constructed fresh for each size)."""
-    table = {
-        'probe (p -= lr*g)': _probe,
-        'optax.lion': lambda: optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-        'lion_optax.lion': lambda: lion_optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-        'lion_optax.lion (no skip)': lambda: lion_optax.lion(
-            LEARNING_RATE, weight_decay=WEIGHT_DECAY, skip_nonfinite=False
-        ),
-        'lion_optax.lion bf16 mu': lambda: lion_optax.lion(
-            LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype=jnp.bfloat16
-        ),
-        'lion_optax.lion int8 mu': lambda: lion_optax.lion(
-            LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype='int8'
-        ),
-        'optax.adamw': lambda: optax.adamw(1e-3, weight_decay=1e-4),
-    }
-    del full  # the same table in both modes
-    return table
+# name: (factory, bytes per parameter of the ideal step, peer for the speed ratio)
+METHODS: dict[str, tuple[Callable[[], optax.GradientTransformation], float, str | None]] = {
+    'probe (p -= lr*g)': (_probe, 12.0, None),
+    'optax.lion': (lambda: optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY), 20.0, None),
+    'optax.lion bf16 mu': (
+        lambda: optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype=jnp.bfloat16),
+        16.0,
+        None,
+    ),
+    'lion_optax.lion': (
+        lambda: lion_optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+        20.0,
+        'optax.lion',
+    ),
+    "lion_optax.lion nonfinite='skip_step'": (
+        lambda: lion_optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY, nonfinite='skip_step'),
+        20.0,
+        'optax.lion',
+    ),
+    'lion_optax.lion bf16 mu': (
+        lambda: lion_optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype=jnp.bfloat16),
+        16.0,
+        'optax.lion bf16 mu',
+    ),
+    # p, g read, p written (12 B) + int8 codes read and written (2 B) + one f32
+    # scale per 32 values read and written (0.25 B).
+    'lion_optax.lion int8 mu': (
+        lambda: lion_optax.lion(LEARNING_RATE, weight_decay=WEIGHT_DECAY, mu_dtype='int8'),
+        14.25,
+        'optax.lion',
+    ),
+    'optax.adamw': (lambda: optax.adamw(1e-3, weight_decay=1e-4), 28.0, None),
+}
 
 
 def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
     """Parameter trees by name: lists of leaf shapes."""
-    rng = np.random.default_rng(0)
-    # Many small leaves stress per-leaf overheads. With skip_nonfinite, XLA:CPU
-    # compiles 200 leaves in about 2 minutes per optimizer (see the JSON's
-    # compile_s), so --quick uses 40.
-    count = 40 if quick else 200
-    small = [(int(n),) for n in rng.integers(512, 8192, size=count)]
+    gpt = [tuple(x.shape) for x in jax.tree.leaves(gpt_tree(12, width=256, vocab=8192))]
     out = {
         '1M in 16 leaves': [(2**16,)] * 16,
-        f'{count} small leaves': small,
         '8M in 16 leaves': [(2**19,)] * 16,
+        f'GPT-shaped, 12 blocks, width 256 ({len(gpt)} leaves)': gpt,
     }
     if not quick:
         out['64M in 16 leaves'] = [(2**22,)] * 16
@@ -154,7 +166,7 @@ class Runner:
 def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> dict[str, Any]:
     keys = jax.random.split(jax.random.key(2), len(shapes))
     grads = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
-    runners = {name: Runner(name, make(), shapes, grads) for name, make in table.items()}
+    runners = {name: Runner(name, make(), shapes, grads) for name, (make, _, _) in table.items()}
     probe = runners['probe (p -= lr*g)']
     calls = max(1, int(target_s / max(probe.run(3) * 20 / 12, 1e-6)))
     for _ in range(rounds):
@@ -162,19 +174,21 @@ def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> d
             runner.times.append(runner.run(calls))
     n = probe.num_params
     probe_times = np.asarray(probe.times)
-    roofline = probe_times * 20 / 12  # per round
+    roofline = probe_times * 20 / 12  # per round: Lion's 20 B/param at the probe's bandwidth
     results = {}
     for name, runner in runners.items():
         times = np.asarray(runner.times)
-        per_round = times / roofline
+        ideal_bytes = table[name][1]
+        per_round = times / (probe_times * ideal_bytes / 12)
         entry = {
+            'ideal_bytes_per_param': ideal_bytes,
             'median_ms': float(np.median(times) * 1e3),
             'p25_ms': float(np.percentile(times, 25) * 1e3),
             'p75_ms': float(np.percentile(times, 75) * 1e3),
             'x_roofline_median': float(np.median(per_round)),
             'x_roofline_p25': float(np.percentile(per_round, 25)),
             'x_roofline_p75': float(np.percentile(per_round, 75)),
-            'bytes_per_param_moved_equiv': float(np.median(per_round) * 20),
+            'bytes_per_param_moved_equiv': float(np.median(per_round) * ideal_bytes),
             'state_bytes_per_param': runner.state_bytes / n,
             'hlo': runner.hlo,
             'memory_analysis': runner.memory,
@@ -182,13 +196,14 @@ def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> d
             'compile_s': runner.compile_s,
         }
         results[name] = entry
-    optax_times = np.asarray(runners['optax.lion'].times)
     for name in results:
-        if name.startswith('lion_optax'):
-            paired = np.asarray(runners[name].times) / optax_times
-            results[name]['vs_optax_lion_median'] = float(np.median(paired))
-            results[name]['vs_optax_lion_p25'] = float(np.percentile(paired, 25))
-            results[name]['vs_optax_lion_p75'] = float(np.percentile(paired, 75))
+        peer = table[name][2]
+        if peer is not None:
+            paired = np.asarray(runners[name].times) / np.asarray(runners[peer].times)
+            results[name]['peer'] = peer
+            results[name]['vs_peer_median'] = float(np.median(paired))
+            results[name]['vs_peer_p25'] = float(np.percentile(paired, 25))
+            results[name]['vs_peer_p75'] = float(np.percentile(paired, 75))
     del runners
     return {
         'num_params': n,
@@ -196,26 +211,6 @@ def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> d
         'rounds': rounds,
         'roofline_ms': float(np.median(roofline) * 1e3),
         'methods': results,
-    }
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        with open('/proc/cpuinfo') as f:
-            names = re.findall(r'model name\s*:\s*(.*)', f.read())
-        model = names[0] if names else model
-    except OSError:
-        pass
-    device = jax.devices()[0]
-    return {
-        'device': f'{device.platform}: {device.device_kind}',
-        'cpu_model': model,
-        'cpu_count': os.cpu_count(),
-        'jax': jax.__version__,
-        'optax': optax.__version__,
-        'python': platform.python_version(),
-        'load_average_at_start': os.getloadavg() if hasattr(os, 'getloadavg') else None,
     }
 
 
@@ -229,8 +224,11 @@ def markdown(report: dict[str, Any]) -> str:
         f'{report["machine"]["load_average_at_start"]}.',
         '',
         'One jitted step + `optax.apply_updates`, params and state donated. '
-        'Roofline = probe (`p -= lr*g`, 12 B/param) x 20/12. Medians over interleaved '
-        'rounds [25-75 %]; ratios are per round, then the median.',
+        "x own roofline = time / (probe time x the method's ideal bytes per parameter / 12): "
+        'the probe (`p -= lr*g`) moves 12 B/param; Lion 20 (f32 momentum), 16 (bf16), '
+        '14.25 (int8 + scales), AdamW 28. Medians over interleaved rounds [25-75 %]; ratios '
+        'are per round, then the median; "vs peer" is the time over the peer\'s in the same '
+        'round (optax.lion, or optax.lion with bf16 momentum for bf16).',
         '',
     ]
     for tree_name, tree in report['trees'].items():
@@ -238,23 +236,20 @@ def markdown(report: dict[str, Any]) -> str:
             f'## {tree_name}: {tree["num_params"]:,} params, {tree["num_leaves"]} leaves, '
             f'roofline {tree["roofline_ms"]:.3f} ms',
             '',
-            '| method | ms/step [25-75 %] | x roofline (20 B/param) | vs optax.lion | '
+            '| method | ms/step [25-75 %] | ideal B/param | x own roofline | vs peer | '
             'state B/param | fusions | copies | temp MB |',
-            '|---|---|---|---|---|---|---|---|',
+            '|---|---|---|---|---|---|---|---|---|',
         ]
         for name, m in tree['methods'].items():
             vs = (
-                (
-                    f'{m["vs_optax_lion_median"]:.2f} [{m["vs_optax_lion_p25"]:.2f}-'
-                    f'{m["vs_optax_lion_p75"]:.2f}]'
-                )
-                if 'vs_optax_lion_median' in m
+                f'{m["vs_peer_median"]:.2f} [{m["vs_peer_p25"]:.2f}-{m["vs_peer_p75"]:.2f}]'
+                if 'vs_peer_median' in m
                 else ''
             )
             temp = m['memory_analysis'].get('temp_size_in_bytes')
             lines.append(
                 f'| {name} | {m["median_ms"]:.3f} [{m["p25_ms"]:.3f}-{m["p75_ms"]:.3f}] | '
-                f'{m["x_roofline_median"]:.2f} [{m["x_roofline_p25"]:.2f}-'
+                f'{m["ideal_bytes_per_param"]:g} | {m["x_roofline_median"]:.2f} [{m["x_roofline_p25"]:.2f}-'
                 f'{m["x_roofline_p75"]:.2f}] | {vs} | {m["state_bytes_per_param"]:.3f} | '
                 f'{m["hlo"]["fusions"]} | {m["hlo"]["copies"]} | '
                 f'{"" if temp is None else f"{temp / 2**20:.1f}"} |'
@@ -275,10 +270,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, style in [
         ('lion_optax.lion', 'o-'),
-        ('lion_optax.lion (no skip)', 'D-'),
+        ("lion_optax.lion nonfinite='skip_step'", 'D-'),
         ('lion_optax.lion bf16 mu', 'o--'),
         ('lion_optax.lion int8 mu', 'o:'),
         ('optax.lion', 's-'),
+        ('optax.lion bf16 mu', 's--'),
         ('optax.adamw', '^-'),
     ]:
         if all(name in t['methods'] for t in sizes):
@@ -321,7 +317,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {'machine': machine(), 'quick': args.quick, 'trees': {}}
-    table = methods(full=not args.quick)
+    table = METHODS
     start = time.perf_counter()
     for tree_name, shapes in trees(args.quick).items():
         report['trees'][tree_name] = bench_tree(tree_name, shapes, table, rounds, target)

@@ -272,29 +272,37 @@ def _max_abs(c: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(c), initial=0.0)
 
 
-def _lp_direction(c: jax.Array, scale: jax.Array, norm: jax.Array, p: float) -> jax.Array:
-    """``sign(c) |c|^(p-1) / ||c||_p^(p-1)`` from ``scale = max|c|`` and ``||c / scale||_p``.
+def _inverse_scale(scale: jax.Array, dtype: Any) -> jax.Array:
+    """``1 / max|c|``, with a zero or subnormal ``max|c|`` taken as the smallest normal.
 
-    Dividing by ``scale`` first keeps the norm free of underflow and overflow
-    (``c ~ 1e-25`` squares to 0 in float32), so the direction is exactly scale
-    invariant, as ``grad ||.||_p`` is. An all-zero ``c`` gives 0; a NaN stays
-    NaN.
+    A reciprocal rather than a divisor: ``c * (1 / scale)`` divides once per
+    array instead of once per element, and XLA:CPU computes a division once
+    and passes its result on, whereas it would copy the cheap arithmetic that
+    makes ``scale`` (for ``scope='global'`` a maximum over every leaf) into
+    every consumer: a step quadratic in the number of leaves.
     """
-    scale = scale.astype(c.dtype)
-    norm = norm.astype(c.dtype)
-    zero = scale == 0
-    ratio = c / jnp.where(zero, 1.0, scale) / jnp.where(zero, 1.0, norm)
+    scale = scale.astype(dtype)
+    return 1.0 / jnp.maximum(scale, jnp.finfo(dtype).tiny)
+
+
+def _lp_direction(c: jax.Array, inverse_scale: jax.Array, norm: jax.Array, p: float) -> jax.Array:
+    """``sign(c) |c|^(p-1) / ||c||_p^(p-1)`` from ``1 / max|c|`` and ``||c / max|c| ||_p``.
+
+    Scaling by ``1 / max|c|`` first keeps the norm free of underflow and
+    overflow (``c ~ 1e-25`` squares to 0 in float32), so the direction is
+    scale invariant, as ``grad ||.||_p`` is. An all-zero ``c`` gives 0; a NaN
+    stays NaN.
+    """
+    inverse_norm = 1.0 / jnp.where(norm == 0, 1.0, norm).astype(c.dtype)
+    ratio = c * inverse_scale.astype(c.dtype) * inverse_norm
     if p == 2.0:
-        direction = ratio
-    else:
-        direction = jnp.sign(ratio) * jnp.abs(ratio) ** (p - 1.0)
-    return jnp.where(zero, jnp.zeros_like(direction), direction)
+        return ratio
+    return jnp.sign(ratio) * jnp.abs(ratio) ** (p - 1.0)
 
 
-def _scaled_lp_sum(c: jax.Array, scale: jax.Array, p: float) -> jax.Array:
-    """``sum((|c| / scale)^p)``, with ``scale`` 0 treated as 1."""
-    safe = jnp.where(scale == 0, 1.0, scale).astype(c.dtype)
-    ratio = jnp.abs(c) / safe
+def _scaled_lp_sum(c: jax.Array, inverse_scale: jax.Array, p: float) -> jax.Array:
+    """``sum(|c / max|c||^p)``."""
+    ratio = jnp.abs(c) * inverse_scale.astype(c.dtype)
     return jnp.sum(ratio * ratio if p == 2.0 else ratio**p)
 
 
@@ -361,9 +369,9 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
     elif scope == 'leaf':
 
         def leaf_direction(c: jax.Array) -> jax.Array:
-            scale = _max_abs(c)
-            norm = _scaled_lp_sum(c, scale, p_value) ** (1.0 / p_value)
-            return _lp_direction(c, scale, norm, p_value)
+            inverse_scale = _inverse_scale(_max_abs(c), c.dtype)
+            norm = _scaled_lp_sum(c, inverse_scale, p_value) ** (1.0 / p_value)
+            return _lp_direction(c, inverse_scale, norm, p_value)
 
         fn = _elementwise(leaf_direction)
     else:
@@ -374,9 +382,12 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
                 return tree
             dtype = jnp.result_type(*leaves)
             scale = jnp.max(jnp.stack([_max_abs(c).astype(dtype) for c in leaves]))
-            total = sum(_scaled_lp_sum(c, scale, p_value).astype(dtype) for c in leaves)
+            inverse_scale = _inverse_scale(scale, dtype)
+            total = sum(_scaled_lp_sum(c, inverse_scale, p_value).astype(dtype) for c in leaves)
+            # ** (1 / p) is computed once (XLA:CPU copies cheap scalar arithmetic,
+            # here the sum over leaves, into each consumer but not a power).
             norm = total ** (1.0 / p_value)
-            return jax.tree.map(lambda c: _lp_direction(c, scale, norm, p_value), tree)
+            return jax.tree.map(lambda c: _lp_direction(c, inverse_scale, norm, p_value), tree)
 
     return Kappa(
         name=f'lp(p={p_value:g}, scope={scope})',

@@ -1,0 +1,48 @@
+"""Parameter trees shaped like real models, for compile-time and structure checks.
+
+``gpt_tree(blocks)``: GPT-2 layout (per block two LayerNorms, qkv/proj/fc/proj
+kernels and biases; 12 blocks = 148 leaves). ``vit_tree(blocks)``: ViT layout
+(patch embedding, class token, position embedding, per block two LayerNorms,
+qkv/proj/fc1/fc2 kernels and biases, final norm and head).
+"""
+
+import jax.numpy as jnp
+
+
+def _linear(fan_in: int, fan_out: int) -> dict:
+    return {'kernel': jnp.zeros((fan_in, fan_out)), 'bias': jnp.zeros(fan_out)}
+
+
+def _norm(width: int) -> dict:
+    return {'scale': jnp.ones(width), 'bias': jnp.zeros(width)}
+
+
+def gpt_tree(blocks: int, width: int = 64, vocab: int = 512, context: int = 128) -> dict:
+    params = {'wte': jnp.zeros((vocab, width)), 'wpe': jnp.zeros((context, width)),
+              'ln_f': _norm(width)}
+    for i in range(blocks):
+        params[f'h{i}'] = {
+            'ln1': _norm(width), 'ln2': _norm(width),
+            'attn': {'qkv': _linear(width, 3 * width), 'proj': _linear(width, width)},
+            'mlp': {'fc': _linear(width, 4 * width), 'proj': _linear(4 * width, width)},
+        }
+    return params
+
+
+def vit_tree(blocks: int, width: int = 64, patch: int = 16, channels: int = 3,
+             tokens: int = 197, classes: int = 1000) -> dict:
+    params = {
+        'patch_embed': {'kernel': jnp.zeros((patch, patch, channels, width)),
+                        'bias': jnp.zeros(width)},
+        'cls_token': jnp.zeros((1, 1, width)),
+        'pos_embed': jnp.zeros((1, tokens, width)),
+        'norm': _norm(width),
+        'head': _linear(width, classes),
+    }
+    for i in range(blocks):
+        params[f'block{i}'] = {
+            'norm1': _norm(width), 'norm2': _norm(width),
+            'attn': {'qkv': _linear(width, 3 * width), 'proj': _linear(width, width)},
+            'mlp': {'fc1': _linear(width, 4 * width), 'fc2': _linear(4 * width, width)},
+        }
+    return params
