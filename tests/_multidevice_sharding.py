@@ -348,6 +348,110 @@ def zero_int8() -> dict:
     return out
 
 
+def checkpoints_across_meshes(folder: str) -> dict:
+    """bf16 and int8 state saved from an (8,) FSDP mesh, restored onto (2, 4) and one device.
+
+    Per storage: whether every restored array has the target's sharding, the
+    largest difference between the run continued after the restore and the
+    uninterrupted run, and the error for a target with another storage.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+    from jax.sharding import PartitionSpec as P
+
+    import lion_optax
+
+    rng = np.random.default_rng(3)
+    params_np = {'w': rng.normal(size=(64, 256)).astype(np.float32),
+                 'b': rng.normal(size=(256,)).astype(np.float32)}
+    grads_np = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params_np.items()}
+                for _ in range(2 * STEPS)]
+    line = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    grid = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    layouts = {
+        'mesh_8': {'w': NamedSharding(line, P('data', None)), 'b': NamedSharding(line, P())},
+        'mesh_2x4': {'w': NamedSharding(grid, P('data', 'model')), 'b': NamedSharding(grid, P())},
+        'one_device': {k: SingleDeviceSharding(jax.devices()[0]) for k in params_np},
+    }
+
+    def run(tx, params, state, grads, shardings):
+        update = jax.jit(tx.update)
+        for g in grads:
+            g = {k: jax.device_put(v, shardings[k]) for k, v in g.items()}
+            updates, state = update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    out: dict = {}
+    for storage, mu_dtype in (('bfloat16', jnp.bfloat16), ('int8', 'int8')):
+        tx = lion_optax.lion(1e-2, weight_decay=0.1, mu_dtype=mu_dtype)
+        saving = layouts['mesh_8']
+        params = {k: jax.device_put(v, saving[k]) for k, v in params_np.items()}
+        params, state = run(tx, params, jax.jit(tx.init)(params), grads_np[:STEPS], saving)
+        lion_optax.save_checkpoint(f'{folder}/{storage}', STEPS, {'params': params, 'opt': state})
+        expected, _ = run(tx, params, state, grads_np[STEPS:], saving)
+        for name, shardings in layouts.items():
+            target_params = {k: jax.device_put(v, shardings[k]) for k, v in params_np.items()}
+            target = {'params': target_params, 'opt': jax.jit(tx.init)(target_params)}
+            restored, _ = lion_optax.restore_checkpoint(f'{folder}/{storage}', target)
+            same = jax.tree.map(
+                lambda r, t: r.sharding.is_equivalent_to(t.sharding, r.ndim), restored, target
+            )
+            continued, _ = run(tx, restored['params'], restored['opt'], grads_np[STEPS:], shardings)
+            out[f'{storage}/{name}'] = {
+                'shardings_as_target': all(jax.tree.leaves(same)),
+                'max_diff': max(
+                    float(np.max(np.abs(np.asarray(continued[k]) - np.asarray(expected[k]))))
+                    for k in params_np
+                ),
+            }
+        other = lion_optax.lion(1e-2, mu_dtype=jnp.float32 if storage == 'int8' else 'int8')
+        try:
+            lion_optax.restore_checkpoint(
+                f'{folder}/{storage}', {'params': params, 'opt': other.init(params)}
+            )
+            out[f'{storage}/mismatch_error'] = ''
+        except lion_optax.CheckpointMismatchError as error:
+            out[f'{storage}/mismatch_error'] = str(error)
+    return out
+
+
+def memory_script_check() -> dict:
+    """benchmarks/memory_at_scale.py's per-device bytes against what 8 devices hold."""
+    import os
+
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+
+    import lion_optax
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks'))
+    import memory_at_scale
+    from _model_trees import gpt_tree
+
+    devices = 8
+    mesh = jax.make_mesh((devices,), ('data',), axis_types=(AxisType.Auto,))
+    sizes = dict(blocks=2, width=64, vocab=512, context=128)
+    abstract = memory_at_scale.abstract_gpt(**sizes)
+    params = jax.tree.map(
+        lambda p: jax.device_put(p, NamedSharding(mesh, memory_at_scale.fsdp_spec(p.shape, devices))),
+        gpt_tree(**sizes),
+    )
+    out = {}
+    for name, tx in memory_at_scale.optimizers().items():
+        state, specs = memory_at_scale.state_specs(tx, abstract, devices)
+        predicted = memory_at_scale.bytes_per_device(state, specs, devices)
+        # optax's own init under jit leaves the state unsharded (zeros that depend
+        # on nothing); eagerly it follows the parameters, which is what we compare.
+        init = tx.init if name.startswith('optax') else jax.jit(tx.init)
+        held = lion_optax.tree_bytes(init(params))
+        out[name] = {'predicted': predicted, 'held': held}
+    return out
+
+
 def main() -> None:
     _setup()
     import jax
@@ -358,6 +462,8 @@ def main() -> None:
     result['storages'] = storages()
     result['zero'] = zero()
     result['zero_int8'] = zero_int8()
+    result['checkpoints'] = checkpoints_across_meshes(sys.argv[2])
+    result['memory_script'] = memory_script_check()
     with open(sys.argv[1], 'w') as f:
         json.dump(result, f, indent=1)
 

@@ -144,13 +144,14 @@ def test_shard_optimizer_state_needs_a_mesh_with_that_axis():
 
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
-    out = tmp_path_factory.mktemp('sharding') / 'checks.json'
+    folder = tmp_path_factory.mktemp('sharding')
+    out = folder / 'checks.json'
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
     env['JAX_PLATFORMS'] = 'cpu'
     env.pop('XLA_FLAGS', None)
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)],
+        [sys.executable, str(SCRIPT), str(out), str(folder / 'checkpoints')],
         env=env,
         capture_output=True,
         text=True,
@@ -237,6 +238,31 @@ def test_every_momentum_storage_shards_like_the_parameter(eight_devices, storage
     assert d['collectives'] == []
     assert d['param_sharding_kept']
     assert d['max_diff_vs_single_device'] <= 1e-6
+
+
+@pytest.mark.parametrize('target', ['mesh_8', 'mesh_2x4', 'one_device'])
+@pytest.mark.parametrize('storage', ['bfloat16', 'int8'])
+def test_low_precision_checkpoints_restore_across_meshes(eight_devices, storage, target):
+    """Saved from an (8,) FSDP mesh; restored onto (8,), (2, 4) and one device with
+    the target's shardings; the run then continues bit for bit."""
+    d = eight_devices['checkpoints'][f'{storage}/{target}']
+    assert d['shardings_as_target']
+    assert d['max_diff'] == 0.0
+
+
+@pytest.mark.parametrize('storage', ['bfloat16', 'int8'])
+def test_a_checkpoint_with_another_momentum_storage_is_refused(eight_devices, storage):
+    message = eight_devices['checkpoints'][f'{storage}/mismatch_error']
+    assert 'does not match the restore target' in message and 'mu' in message
+
+
+@pytest.mark.parametrize('optimizer', ['optax.adamw', 'lion, float32 momentum',
+                                       'lion, bfloat16 momentum', 'lion, int8 momentum'])
+def test_memory_at_scale_script_predicts_what_devices_hold(eight_devices, optimizer):
+    """benchmarks/memory_at_scale.py computes per-device bytes from shapes alone; on
+    8 devices it must equal the bytes a device really holds after a jitted init."""
+    d = eight_devices['memory_script'][optimizer]
+    assert d['predicted'] == d['held'], d
 
 
 def test_zero_shards_int8_codes_and_scales(eight_devices):
