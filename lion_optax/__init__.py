@@ -4,7 +4,7 @@ The public API, grouped by concept; each name lives in one ``_src`` module.
 """
 
 # The optimizer and its pieces: direction -> weight decay -> learning rate.
-from lion_optax._src.alias import lion
+from lion_optax._src.alias import LionDiagnosticsState, lion
 from lion_optax._src.direction import ScaleByLionInt8State, ScaleByLionState, scale_by_lion
 from lion_optax._src.nonfinite import SkipNonfiniteState, skip_nonfinite
 from lion_optax._src.schedules import LionHyperparameters, adamw_to_lion, warmup_cosine_schedule
@@ -71,6 +71,7 @@ __all__ = [
     'ConstraintDiagnostics',
     'Int8Momentum',
     'Kappa',
+    'LionDiagnosticsState',
     'LionHyperparameters',
     'RoundUpdatesToParamsState',
     'ScaleByLionInt8State',

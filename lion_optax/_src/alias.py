@@ -1,8 +1,10 @@
 """``lion``: the Lion optimizer as one chain, a drop-in for ``optax.lion``."""
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from lion_optax._src import kappa as kappa_lib
@@ -14,6 +16,8 @@ from lion_optax._src.weight_decay import WeightDecayConvention, weight_decay_for
 
 Nonfinite = Literal['zero', 'skip_step', 'propagate']
 NONFINITE_MODES = ('zero', 'skip_step', 'propagate')
+InvalidHyperparameters = Literal['skip_step', 'raise']
+INVALID_HYPERPARAMETER_MODES = ('skip_step', 'raise')
 
 
 def lion(
@@ -30,6 +34,9 @@ def lion(
     weight_decay_convention: WeightDecayConvention = 'paper',
     reference_learning_rate: float | None = None,
     nonfinite: Nonfinite = 'zero',
+    invalid_hyperparameters: InvalidHyperparameters = 'skip_step',
+    diagnostics: bool = False,
+    max_consecutive_bad_steps: int | None = None,
     mu_rounding: Rounding = 'stochastic',
     param_rounding: Rounding = 'stochastic',
     seed: int = 0,
@@ -68,6 +75,25 @@ def lion(
     - ``'propagate'``: as ``optax.lion``: NaN and Inf flow into the momentum
       and the parameters (to see a bug at once).
 
+    Hyperparameters are checked when the optimizer is built (constants:
+    ``b1``, ``b2`` in [0, 1]; ``learning_rate``, ``weight_decay`` finite and
+    >= 0) and, for values only known when the step runs (schedules, and
+    values set through ``optax.inject_hyperparams``), inside the step: a step
+    with an invalid value leaves the parameters and the momentum unchanged,
+    at no cost in memory traffic; the step counts advance, so a schedule that
+    is invalid at one step does not stall the run.
+    ``invalid_hyperparameters='raise'`` also raises ``FloatingPointError``
+    (inside a ``JaxRuntimeError``) naming the value and the step, through
+    ``jax.debug.callback``: a debug mode.
+
+    Nothing is silent: ``diagnostics=True`` (opt-in, it reads the gradient
+    once more) wraps the state in :class:`LionDiagnosticsState`, which counts
+    the steps with a non-finite gradient element and with an invalid
+    hyperparameter and the current run of such steps;
+    ``max_consecutive_bad_steps=k`` makes a run longer than ``k`` raise
+    ``FloatingPointError`` (through ``jax.debug.callback``), so a run that
+    stalls stops instead.
+
     Lion's learning rate is 3-10x smaller than AdamW's and its weight decay
     3-10x larger (:func:`adamw_to_lion`); ``b1=0.95, b2=0.98`` is the paper's
     choice for language models and against instability.
@@ -96,6 +122,11 @@ def lion(
         constant, and is required with a schedule.
       nonfinite: ``'zero'``, ``'skip_step'`` or ``'propagate'``: what a NaN or
         Inf gradient does (above).
+      invalid_hyperparameters: ``'skip_step'`` (default) or ``'raise'``: what
+        a step does with an invalid schedule or injected value (above).
+      diagnostics: keep counts of bad steps in the state (above).
+      max_consecutive_bad_steps: with ``diagnostics``, raise after more than
+        this many bad steps in a row (None: never).
       mu_rounding: ``'stochastic'`` (default) or ``'nearest'``: rounding of a
         momentum stored in bfloat16, float16 or int8.
       param_rounding: ``'stochastic'`` (default) or ``'nearest'``: how the new
@@ -124,6 +155,9 @@ def lion(
     """
     validation.check_nonnegative('learning_rate', learning_rate)
     validation.check_choice('nonfinite', nonfinite, NONFINITE_MODES)
+    validation.check_choice(
+        'invalid_hyperparameters', invalid_hyperparameters, INVALID_HYPERPARAMETER_MODES
+    )
     validation.check_choice('param_rounding', param_rounding, param_rounding_lib.ROUNDING_MODES)
     transformation = optax.chain(
         scale_by_lion(
@@ -146,6 +180,30 @@ def lion(
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
+    checks = validation.runtime_checks(
+        {'b1': b1, 'b2': b2},
+        {'learning_rate': learning_rate, 'weight_decay': weight_decay},
+    )
+    if checks:
+        transformation = _skip_invalid_hyperparameters(
+            transformation, checks, raise_too=invalid_hyperparameters == 'raise'
+        )
+    validation.check_bool('diagnostics', diagnostics)
+    if max_consecutive_bad_steps is not None:
+        if not diagnostics:
+            raise ValueError(
+                'max_consecutive_bad_steps counts bad steps in the diagnostics state: pass '
+                'diagnostics=True as well.'
+            )
+        if (
+            isinstance(max_consecutive_bad_steps, bool)
+            or not isinstance(max_consecutive_bad_steps, int)
+            or max_consecutive_bad_steps < 1
+        ):
+            raise ValueError(
+                f'max_consecutive_bad_steps={max_consecutive_bad_steps!r} is invalid: expected '
+                'an int >= 1 (or None).'
+            )
     if param_rounding == 'stochastic':
         # bf16/fp16 parameters: seeded by the direction's step count, no state added.
         transformation = param_rounding_lib.with_param_rounding(
@@ -153,8 +211,101 @@ def lion(
         )
     if nonfinite == 'skip_step':
         transformation = nonfinite_lib.skip_step_if_nonfinite(transformation)
+    if diagnostics:
+        transformation = _with_diagnostics(transformation, checks, max_consecutive_bad_steps)
     transformation = optax.with_extra_args_support(transformation)
     return optax.GradientTransformationExtraArgs(
         lambda params: sharding.place_like_params(transformation.init(params), params),
         transformation.update,
     )
+
+
+def _skip_invalid_hyperparameters(
+    chain: optax.GradientTransformationExtraArgs,
+    checks: list[validation.RuntimeCheck],
+    *,
+    raise_too: bool,
+) -> optax.GradientTransformationExtraArgs:
+    """lion's chain, skipping any step whose run-time hyperparameters are invalid.
+
+    The direction (``scale_by_lion``, the chain's first stage) keeps its
+    momentum and count itself (``step_is_valid``), inside the loops it runs
+    anyway; the other stages' step counts and the updates are selected here
+    (scalars, and a select fused into the parameters' update).
+    """
+
+    def update_fn(updates, state, params=None, **extra_args):
+        valid, values = validation.runtime_values_valid(checks, state[0].count)
+        if raise_too:
+            jax.debug.callback(
+                validation.raise_if_invalid,
+                valid,
+                state[0].count,
+                tuple(name for name, _ in values),
+                *(value for _, value in values),
+            )
+        new_updates, new_state = chain.update(
+            updates, state, params, step_is_valid=valid, **extra_args
+        )
+        return jax.tree.map(lambda u: jnp.where(valid, u, 0), new_updates), new_state
+
+    return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+
+
+class LionDiagnosticsState(NamedTuple):
+    """State of :func:`lion` with ``diagnostics=True``.
+
+    Attributes:
+      inner_state: the optimizer's state (``optax.lion``'s tree without
+        diagnostics).
+      nonfinite_gradient_steps: steps whose gradient had a NaN or Inf element.
+      invalid_hyperparameter_steps: steps skipped for an invalid run-time
+        hyperparameter (a schedule's or an injected value).
+      consecutive_bad_steps: the current run of such steps (0 after a good one).
+    """
+
+    inner_state: Any
+    nonfinite_gradient_steps: jax.Array
+    invalid_hyperparameter_steps: jax.Array
+    consecutive_bad_steps: jax.Array
+
+
+def _too_many_bad_steps(too_many: Any, run: Any, limit: int) -> None:
+    if bool(too_many):
+        raise FloatingPointError(
+            f'{int(run)} bad steps in a row (non-finite gradients or invalid '
+            f'hyperparameters), more than max_consecutive_bad_steps={limit}: the run is '
+            'not learning. Look at the state\'s nonfinite_gradient_steps and '
+            'invalid_hyperparameter_steps, the loss and the learning-rate schedule.'
+        )
+
+
+def _with_diagnostics(
+    inner: optax.GradientTransformation,
+    checks: list[validation.RuntimeCheck],
+    max_consecutive: int | None,
+) -> optax.GradientTransformationExtraArgs:
+    """Counts bad steps (non-finite gradients, invalid hyperparameters) around lion."""
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        zero = jnp.zeros([], jnp.int32)
+        return LionDiagnosticsState(inner.init(params), zero, zero, zero)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        finite = nonfinite_lib.all_finite(updates)
+        valid, _ = validation.runtime_values_valid(checks, state.inner_state[0].count)
+        valid = jnp.array(True) if valid is None else valid
+        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        bad = ~finite | ~valid
+        run = jnp.where(bad, optax.safe_increment(state.consecutive_bad_steps), 0)
+        if max_consecutive is not None:
+            jax.debug.callback(_too_many_bad_steps, run > max_consecutive, run, max_consecutive)
+        return new_updates, LionDiagnosticsState(
+            inner_state,
+            state.nonfinite_gradient_steps + (~finite).astype(jnp.int32),
+            state.invalid_hyperparameter_steps + (~valid).astype(jnp.int32),
+            run,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -206,8 +206,12 @@ def scale_by_lion(
       seed: an integer seeding the stochastic rounding.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is
+      An ``optax.GradientTransformationExtraArgs`` whose state is
       ``optax.ScaleByLionState`` (:class:`ScaleByLionInt8State` for int8).
+      Its ``update`` takes one extra keyword, ``step_is_valid`` (a bool
+      scalar): when False the momentum is unchanged and the direction zero
+      (the count still advances); :func:`lion` passes it to skip a step whose
+      run-time hyperparameters are invalid, at no cost in memory traffic.
 
     Example:
       >>> import jax.numpy as jnp
@@ -266,7 +270,7 @@ def scale_by_lion(
             state = ScaleByLionInt8State(count=count, mu=mu, mu_scales=scales)
         return sharding.place_like_params(state, params)
 
-    def leaf_step(g, stored, scales, word):
+    def leaf_step(g, stored, scales, word, step_is_valid):
         """One parameter's interpolation and new stored momentum."""
         leaf = momentum_storage.LeafStorage(
             jnp.result_type(stored), int8.block_size if int8 else 0, stochastic
@@ -279,6 +283,11 @@ def scale_by_lion(
             guard = lambda value, value_at_zero_gradient: value  # noqa: E731
         m_old = momentum_storage.decode(leaf, stored, scales, dtype)
         m_new = guard(momentum_update(m_old, g, b2), b2 * m_old)
+        if step_is_valid is not None:
+            # Selected before the rounding: a stored value rounds to itself
+            # (exactly for float storage), and the encoding stays the root of
+            # the loop that writes the momentum (so it is not copied).
+            m_new = jnp.where(step_is_valid, m_new, m_old)
         bits = rounding.random_bits(word, g.shape, salt=g) if leaf.random else None
         new_stored, new_scales = momentum_storage.encode(leaf, m_new, bits)
         if new_scales is None:
@@ -300,8 +309,12 @@ def scale_by_lion(
         updates: optax.Updates,
         state: ScaleByLionState | ScaleByLionInt8State,
         params: optax.Params | None = None,
+        *,
+        step_is_valid: jax.Array | None = None,
+        **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleByLionState | ScaleByLionInt8State]:
-        del params
+        del params, extra_args
+        updates = validation.float_gradients(updates, who='scale_by_lion')
         validation.check_matching_trees(
             'gradient', updates, state.mu, 'momentum (from init)', who='scale_by_lion'
         )
@@ -312,7 +325,7 @@ def scale_by_lion(
         else:
             scales = treedef.flatten_up_to(state.mu_scales)
         word = rounding.step_word(seed, rounding.MOMENTUM_STREAM, state.count)
-        steps = [leaf_step(*leaf, word) for leaf in zip(grads, stored, scales)]
+        steps = [leaf_step(*leaf, word, step_is_valid) for leaf in zip(grads, stored, scales)]
         interpolations = [c for c, _, _, _ in steps]
         used_grads = [g for _, g, _, _ in steps]
         new_mu = [m for _, _, m, _ in steps]
@@ -326,9 +339,11 @@ def scale_by_lion(
             )
         direction = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), direction, updates)
         count = optax.safe_increment(state.count)
+        if step_is_valid is not None:
+            direction = jax.tree.map(lambda u: jnp.where(step_is_valid, u, 0), direction)
         mu = treedef.unflatten(new_mu)
         if int8 is None:
             return direction, ScaleByLionState(count=count, mu=mu)
         return direction, ScaleByLionInt8State(count, mu, treedef.unflatten(new_scales))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

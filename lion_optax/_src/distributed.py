@@ -323,6 +323,18 @@ def _check_local_gradients(axis_name: str) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
+        try:
+            jax.lax.axis_size(axis_name)
+        except NameError as error:
+            mesh = jax.sharding.get_abstract_mesh()
+            bound = tuple(mesh.axis_names) if not mesh.empty else ()
+            raise ValueError(
+                f'distributed_lion(axis_name={axis_name!r}): no axis of that name is bound '
+                f'here (mesh axes: {bound or "none"}). Call update inside '
+                'jax.shard_map over the data axis (or jax.vmap with axis_name=...), and '
+                'pass that axis\'s name, e.g. '
+                f'distributed_lion(..., axis_name={bound[0] if bound else "data"!r}).'
+            ) from error
         if _manual(axis_name):
             for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
                 if not _varying(leaf, axis_name):

@@ -7,7 +7,7 @@ to fix it, so that a bad option fails at construction instead of at the first
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,25 @@ def concrete_float(value: Any) -> float | None:
     return float(array)
 
 
+def _check_scalar(name: str, value: Any) -> None:
+    """Refuses an array (traced or not) that is not a scalar."""
+    if not callable(value) and hasattr(value, 'shape') and np.shape(value) != ():
+        raise ValueError(
+            f'{name} must be a scalar (a Python number or a 0-d array), got {value!r} of '
+            f'shape {np.shape(value)}. Pass a single value, e.g. 0.9.'
+        )
+
+
 def check_probability(name: str, value: Any, *, hint: str = '') -> None:
-    """Refuses a concrete ``value`` outside ``[0, 1]`` or NaN (e.g. ``b1``, ``b2``)."""
+    """Refuses a concrete ``value`` outside ``[0, 1]`` or NaN (e.g. ``b1``, ``b2``).
+
+    Arrays must be scalars; traced scalars are checked in the step instead.
+    """
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float, np.number)) or hasattr(value, 'dtype')
+    ):
+        raise TypeError(f'{name} must be a number in [0, 1], got {value!r}.')
+    _check_scalar(name, value)
     number = concrete_float(value)
     if number is None:
         return
@@ -51,9 +68,16 @@ def check_nonnegative(name: str, value: Any, *, hint: str = '') -> None:
     """
     if callable(value):
         return
+    if isinstance(value, (str, bytes, bool)) or not (
+        isinstance(value, (int, float, np.number)) or hasattr(value, 'dtype')
+    ):
+        raise TypeError(
+            f'{name} must be a number >= 0 or a schedule (a callable of the step count), '
+            f'got {value!r} of type {type(value).__name__}.'
+        )
     number = concrete_float(value)
     if number is None:
-        if not isinstance(value, jax.core.Tracer) and np.ndim(value) != 0:
+        if np.ndim(value) != 0:
             raise ValueError(
                 f'{name} must be a scalar or a schedule (a callable of the step '
                 f'count), got an array of shape {np.shape(value)}.'
@@ -156,6 +180,51 @@ def check_float_params(params: Any, *, who: str) -> None:
             )
 
 
+def float_gradients(updates: Any, *, who: str) -> Any:
+    """Gradients as float arrays: Python floats converted, integer and complex refused.
+
+    Runs at trace time (dtypes are static). An integer gradient would be
+    silently rounded into the float step (``jax.grad`` never returns one; a
+    hand-made gradient of ints is a bug), so it is refused with the leaf named.
+    """
+
+    def one(path, leaf):
+        if isinstance(leaf, (bool, np.bool_)) or (
+            isinstance(leaf, (int, np.integer)) and not isinstance(leaf, bool)
+        ):
+            dtype = np.dtype(type(leaf)) if not isinstance(leaf, int) else np.dtype('int64')
+        elif isinstance(leaf, (float, np.floating)):
+            return jnp.asarray(leaf)
+        else:
+            dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f'{who}: gradient leaf {jax.tree_util.keystr(path)} has dtype {dtype}; '
+                'gradients must be floating point (jax.grad of float parameters gives '
+                'them). Cast it, e.g. grads = jax.tree.map(lambda g: g.astype(jnp.float32), '
+                'grads), or compute it from float parameters.'
+            )
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(one, updates)
+
+
+def check_mask(mask: Any, *, who: str) -> None:
+    """Refuses a mask pytree whose leaves are not booleans, naming the leaf."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
+        dtype = getattr(leaf, 'dtype', None)
+        is_bool = isinstance(leaf, (bool, np.bool_)) or (
+            dtype is not None and np.dtype(dtype) == np.bool_ and np.ndim(leaf) == 0
+        )
+        if not is_bool:
+            raise TypeError(
+                f'{who}: mask leaf {jax.tree_util.keystr(path)} is {leaf!r} '
+                f'({type(leaf).__name__}); a mask holds True (decay this leaf) or False '
+                "(do not), e.g. {'w': True, 'b': False}, or is a callable returning such a "
+                'tree from the parameters.'
+            )
+
+
 def check_matching_trees(
     what: str,
     updates: Any,
@@ -194,3 +263,69 @@ def check_matching_trees(
                 'of the same shape as the parameter.'
             )
 
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters that are only known when the step runs.
+
+
+class RuntimeCheck(NamedTuple):
+    """One hyperparameter to check inside the step.
+
+    Attributes:
+      name: its argument name, for messages.
+      value: a schedule (a callable of the step count) or a traced/array value
+        (as ``optax.inject_hyperparams`` passes them).
+      kind: ``'probability'`` (in [0, 1]) or ``'nonnegative'`` (finite, >= 0).
+    """
+
+    name: str
+    value: Any
+    kind: str
+
+
+def runtime_checks(probabilities: dict[str, Any], nonnegatives: dict[str, Any]) -> list[RuntimeCheck]:
+    """The hyperparameters that construction could not check: schedules and traced values."""
+    checks = []
+    for kind, named in (('probability', probabilities), ('nonnegative', nonnegatives)):
+        for name, value in named.items():
+            if callable(value) or concrete_float(value) is None:
+                checks.append(RuntimeCheck(name, value, kind))
+    return checks
+
+
+def runtime_values_valid(
+    checks: list[RuntimeCheck], count: jax.Array
+) -> tuple[jax.Array | None, list[tuple[str, jax.Array]]]:
+    """``(valid, [(name, value), ...])`` at step ``count``; ``(None, [])`` with no checks.
+
+    ``valid`` is a bool scalar: every value in range and not NaN (and finite
+    for ``'nonnegative'``). Schedules are evaluated at ``count``.
+    """
+    if not checks:
+        return None, []
+    valid = jnp.array(True)
+    values = []
+    for check in checks:
+        value = check.value(count) if callable(check.value) else check.value
+        value = jnp.asarray(value, jnp.float32)
+        if check.kind == 'probability':
+            ok = (value >= 0.0) & (value <= 1.0)
+        else:
+            ok = jnp.isfinite(value) & (value >= 0.0)
+        valid = valid & jnp.all(ok)
+        values.append((check.name, value))
+    return valid, values
+
+
+def raise_if_invalid(valid: Any, step: Any, names: tuple[str, ...], *values: Any) -> None:
+    """Host callback: raises FloatingPointError naming every invalid value and the step."""
+    if bool(valid):
+        return
+    shown = ', '.join(f'{name}={np.asarray(value).tolist()!r}' for name, value in zip(names, values))
+    raise FloatingPointError(
+        f'Invalid hyperparameter at step {int(step)}: {shown}. Expected b1 and b2 in [0, 1] '
+        'and learning_rate, weight_decay finite and >= 0. The step was skipped (parameters and '
+        'momentum unchanged). Check the schedule or the value set through '
+        'optax.inject_hyperparams.'
+    )

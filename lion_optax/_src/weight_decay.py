@@ -94,8 +94,17 @@ def add_decoupled_weight_decay(
             f'; got it with convention={convention!r}. Remove it, or choose '
             "convention='fully_decoupled'."
         )
-    if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
-        raise ValueError('mask is an empty tree; pass None to decay every leaf.')
+    if mask is not None and not callable(mask):
+        if not jax.tree.leaves(mask):
+            raise ValueError('mask is an empty tree; pass None to decay every leaf.')
+        validation.check_mask(mask, who='add_decoupled_weight_decay')
+    if callable(mask):
+        user_mask = mask
+
+        def mask(params):  # the callable's result is checked when it is called
+            tree = user_mask(params)
+            validation.check_mask(tree, who='add_decoupled_weight_decay')
+            return tree
 
     def rate(count: jax.Array | None) -> Any:
         value = weight_decay(count) if count is not None else weight_decay
