@@ -583,7 +583,7 @@ class Trainer:
             float(test_loss),
             float(test_acc),
             compile_seconds,
-            lion_optax.tree_bytes(opt_state, per_device=False),
-            lion_optax.tree_bytes(params, per_device=False),
+            lion_optax.hlo.tree_bytes(opt_state, per_device=False),
+            lion_optax.hlo.tree_bytes(params, per_device=False),
             diverged,
         )

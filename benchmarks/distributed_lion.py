@@ -9,7 +9,7 @@ devices (``jax_num_cpu_devices=8``), four ways:
   momentum and only packed signs travel (``lion_optax.distributed_lion``).
 
 The bytes one device sends per step are read from each compiled train step
-(``lion_optax.bytes_sent_per_device``), so the second plot (held-out loss
+(``lion_optax.hlo.bytes_sent_per_device``), so the second plot (held-out loss
 against bytes communicated) uses measured traffic, not a formula. A second
 table extrapolates the traffic to 1e9 parameters and up to 1024 workers with
 ``lion_optax.sign_layout``.
@@ -148,7 +148,7 @@ def run(
         return jax.device_put(x_train[idx], sharded), jax.device_put(y_train[idx], sharded)
 
     compiled = step.lower(params, state, *batch_at(0)).compile()
-    bytes_per_step = lion_optax.bytes_sent_per_device(compiled)
+    bytes_per_step = lion_optax.hlo.bytes_sent_per_device(compiled)
     evaluate = jax.jit(_loss)
     test_steps, test_loss, train_loss = [], [], []
     start = time.perf_counter()
@@ -171,7 +171,7 @@ def run(
         'seed': seed,
         'bytes_per_step': bytes_per_step,
         'collectives': [
-            [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo_collectives(compiled)
+            [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo.hlo_collectives(compiled)
         ],
         'train_loss': train_loss,
         'test_steps': test_steps,

@@ -1,17 +1,23 @@
 """lion_optax: the Lion optimizer (EvoLved Sign Momentum) as Optax transformations.
 
-The public API, grouped by concept; each name lives in one ``_src`` module.
+The data path, top to bottom: :func:`lion` chains :func:`scale_by_lion` (the
+direction), :func:`add_decoupled_weight_decay` and the learning rate. Tools for
+tests and benchmarks live in :mod:`lion_optax.hlo`; checkpoints (orbax, the
+``checkpoint`` extra) in :mod:`lion_optax.checkpoint`.
 """
 
 # The optimizer and its pieces: direction -> weight decay -> learning rate.
 from lion_optax._src.alias import LionDiagnosticsState, lion
 from lion_optax._src.direction import ScaleByLionInt8State, ScaleByLionState, scale_by_lion
-from lion_optax._src.nonfinite import SkipNonfiniteState, skip_nonfinite
+from lion_optax._src.weight_decay import add_decoupled_weight_decay
+
+# Hyperparameters from an AdamW baseline, and the schedule that suits Lion.
 from lion_optax._src.schedules import LionHyperparameters, adamw_to_lion, warmup_cosine_schedule
-from lion_optax._src.weight_decay import AddDecoupledWeightDecayState, add_decoupled_weight_decay
+
+# Non-finite gradients: whole steps skipped and counted (the default is element-wise).
+from lion_optax._src.nonfinite import SkipNonfiniteState, skip_nonfinite
 
 # The Lion-K family, constraint diagnostics and sign monitors.
-from lion_optax._src.constraints import ConstraintDiagnostics, constraint_diagnostics
 from lion_optax._src.kappa import (
     Kappa,
     clip_kappa,
@@ -22,6 +28,7 @@ from lion_optax._src.kappa import (
     sign_kappa,
     tanh_kappa,
 )
+from lion_optax._src.constraints import ConstraintDiagnostics, constraint_diagnostics
 from lion_optax._src.monitors import (
     SignMonitorState,
     monitor_signs,
@@ -34,40 +41,16 @@ from lion_optax._src.momentum_storage import Int8Momentum
 from lion_optax._src.param_rounding import RoundUpdatesToParamsState, round_updates_to_params
 from lion_optax._src.rounding import stochastic_round
 
-# Distribution: sharding over a mesh and Distributed Lion.
-from lion_optax._src.distributed import (
-    SignLayout,
-    aggregate_signs,
-    distributed_init,
-    distributed_lion,
-    sign_layout,
-    worker_state_specs,
-)
-from lion_optax._src.sharding import (
-    Collective,
-    bytes_sent_per_device,
-    hlo_collectives,
-    shard_optimizer_state,
-    tree_bytes,
-    zeros_like_sharded,
-)
+# Many devices: sharded state, ZeRO, Distributed Lion.
+from lion_optax._src.sharding import shard_optimizer_state, zeros_like_sharded
+from lion_optax._src.sign_aggregation import SignLayout, aggregate_signs, sign_layout
+from lion_optax._src.distributed import distributed_init, distributed_lion, worker_state_specs
 
-# Checkpoints that refuse a mismatched optimizer.
-from lion_optax._src.checkpoint import (
-    CheckpointCorruptError,
-    CheckpointMismatchError,
-    latest_step,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from lion_optax import hlo  # noqa: E402  (submodule: HLO traffic accounting)
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
-    'AddDecoupledWeightDecayState',
-    'CheckpointCorruptError',
-    'CheckpointMismatchError',
-    'Collective',
     'ConstraintDiagnostics',
     'Int8Momentum',
     'Kappa',
@@ -82,22 +65,18 @@ __all__ = [
     'adamw_to_lion',
     'add_decoupled_weight_decay',
     'aggregate_signs',
-    'bytes_sent_per_device',
     'clip_kappa',
     'constraint_diagnostics',
     'custom_kappa',
     'distributed_init',
     'distributed_lion',
-    'hlo_collectives',
+    'hlo',
     'l2_kappa',
-    'latest_step',
     'lion',
     'lp_kappa',
     'monitor_signs',
     'resolve_kappa',
-    'restore_checkpoint',
     'round_updates_to_params',
-    'save_checkpoint',
     'scale_by_lion',
     'shard_optimizer_state',
     'sign_agreement',
@@ -107,7 +86,6 @@ __all__ = [
     'skip_nonfinite',
     'stochastic_round',
     'tanh_kappa',
-    'tree_bytes',
     'warmup_cosine_schedule',
     'worker_state_specs',
     'zeros_like_sharded',

@@ -328,18 +328,18 @@ def checks() -> dict:
                 out_specs=P(),
             )
         )
-        out[f'traffic_fp32_allreduce_{n}'] = lion_optax.bytes_sent_per_device(
+        out[f'traffic_fp32_allreduce_{n}'] = lion_optax.hlo.bytes_sent_per_device(
             allreduce.lower(grads).compile()
         )
         tx = lion_optax.distributed_lion(0.01, nonfinite='skip_step')
-        out[f'traffic_vote_skip_step_{n}'] = lion_optax.bytes_sent_per_device(
+        out[f'traffic_vote_skip_step_{n}'] = lion_optax.hlo.bytes_sent_per_device(
             _abstract_step(sub, tx, params, grads)
         )
         for method in ('vote', 'average'):
             tx = lion_optax.distributed_lion(0.01, method=method)
             compiled = _abstract_step(sub, tx, params, grads)
-            collectives = lion_optax.hlo_collectives(compiled)
-            out[f'traffic_{method}_{n}'] = lion_optax.bytes_sent_per_device(compiled)
+            collectives = lion_optax.hlo.hlo_collectives(compiled)
+            out[f'traffic_{method}_{n}'] = lion_optax.hlo.bytes_sent_per_device(compiled)
             out[f'collectives_{method}_{n}'] = [
                 [c.kind, c.buffer_bytes, c.group_size, c.bytes_sent] for c in collectives
             ]

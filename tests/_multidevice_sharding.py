@@ -68,6 +68,7 @@ def _lion_single_device():
     """``lion(1e-2, weight_decay=0.1)`` on one device over the problem (computed once)."""
     if not _SINGLE_DEVICE_CACHE:
         import lion_optax
+        import lion_optax.checkpoint
 
         _, params, grads = _problem()
         tx = lion_optax.lion(1e-2, weight_decay=0.1)
@@ -99,6 +100,7 @@ def sharded_lion(mesh_kind: str) -> dict:
     from jax.sharding import AxisType, NamedSharding
 
     import lion_optax
+    import lion_optax.checkpoint
 
     layout, params_np, grads_np = _problem()
     types = (AxisType.Auto,) * 2 if mesh_kind == 'auto' else (AxisType.Explicit,) * 2
@@ -130,14 +132,14 @@ def sharded_lion(mesh_kind: str) -> dict:
             out[f'compilations_{init_name}_init'] = counted._cache_size()
         update = jax.jit(tx.update)
         compiled = update.lower(grads[0], state, params).compile()
-        out['update_collectives'] = _describe(lion_optax.hlo_collectives(compiled))
+        out['update_collectives'] = _describe(lion_optax.hlo.hlo_collectives(compiled))
         skipping = lion_optax.lion(1e-2, weight_decay=0.1, nonfinite='skip_step')
         compiled = (
             jax.jit(skipping.update)
             .lower(grads[0], jax.jit(skipping.init)(params), params)
             .compile()
         )
-        out['update_collectives_skip_step'] = _describe(lion_optax.hlo_collectives(compiled))
+        out['update_collectives_skip_step'] = _describe(lion_optax.hlo.hlo_collectives(compiled))
         out['steps_state_same'] = []
         out['steps_params_same'] = []
         for g in grads:
@@ -164,6 +166,7 @@ def variants() -> dict:
     from jax.sharding import AxisType, NamedSharding
 
     import lion_optax
+    import lion_optax.checkpoint
 
     layout, params_np, grads_np = _problem()
     mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
@@ -180,7 +183,7 @@ def variants() -> dict:
         tx = lion_optax.lion(1e-2, **options)
         state = jax.jit(tx.init)(params)
         compiled = jax.jit(tx.update).lower(grads, state, params).compile()
-        out[name] = _describe(lion_optax.hlo_collectives(compiled))
+        out[name] = _describe(lion_optax.hlo.hlo_collectives(compiled))
         updates, _ = jax.jit(tx.update)(grads, state, params)
         single = jax.jit(tx.update)(grads_np[0], tx.init(params_np), params_np)[0]
         out[name + '_max_diff'] = max(
@@ -191,10 +194,11 @@ def variants() -> dict:
 
 def _momentum_bytes(state, leaf: str, per_device: bool) -> int:
     import lion_optax
+    import lion_optax.checkpoint
 
     inner = state[0]
     arrays = [inner.mu[leaf]] + ([inner.mu_scales[leaf]] if hasattr(inner, 'mu_scales') else [])
-    return lion_optax.tree_bytes(arrays, per_device=per_device)
+    return lion_optax.hlo.tree_bytes(arrays, per_device=per_device)
 
 
 def storages() -> dict:
@@ -214,6 +218,7 @@ def storages() -> dict:
     from jax.sharding import PartitionSpec as P
 
     import lion_optax
+    import lion_optax.checkpoint
 
     rng = np.random.default_rng(1)
     params_np = {'w': rng.normal(size=(64, 256)).astype(np.float32),
@@ -252,7 +257,7 @@ def storages() -> dict:
             out[f'{storage}/{layout}'] = {
                 'devices_holding_w': len(mesh.devices.flat) if spec != P() else 1,
                 'fractions': fractions,
-                'collectives': _describe(lion_optax.hlo_collectives(compiled)),
+                'collectives': _describe(lion_optax.hlo.hlo_collectives(compiled)),
                 'max_diff_vs_single_device': max(
                     float(np.max(np.abs(np.asarray(params[k], np.float64) - expected[k])))
                     for k in params
@@ -271,6 +276,7 @@ def zero() -> dict:
     from jax.sharding import PartitionSpec as P
 
     import lion_optax
+    import lion_optax.checkpoint
 
     layout, params_np, grads_np = _problem()
     mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
@@ -280,16 +286,16 @@ def zero() -> dict:
     out: dict = {}
     plain = lion_optax.lion(1e-2, weight_decay=0.1)
     tx = lion_optax.shard_optimizer_state(plain, 'data', mesh=mesh)
-    out['replicated_state_bytes'] = lion_optax.tree_bytes(plain.init(params))
+    out['replicated_state_bytes'] = lion_optax.hlo.tree_bytes(plain.init(params))
     state = tx.init(params)
-    out['eager_state_bytes'] = lion_optax.tree_bytes(state)
+    out['eager_state_bytes'] = lion_optax.hlo.tree_bytes(state)
     state = jax.jit(tx.init)(params)
-    out['jit_state_bytes'] = lion_optax.tree_bytes(state)
+    out['jit_state_bytes'] = lion_optax.hlo.tree_bytes(state)
     out['mu_specs'] = {k: _spec(v) for k, v in _mu(state).items()}
     update = jax.jit(tx.update)
     compiled = update.lower(grads[0], state, params).compile()
     out['collectives'] = [
-        [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo_collectives(compiled)
+        [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo.hlo_collectives(compiled)
     ]
     out['params_bytes'] = int(sum(v.nbytes for v in params_np.values()))
     out['params_replicated'] = []
@@ -299,7 +305,7 @@ def zero() -> dict:
         out['params_replicated'].append(
             all(v.sharding.is_fully_replicated for v in params.values())
         )
-    out['state_bytes_after_updates'] = lion_optax.tree_bytes(state)
+    out['state_bytes_after_updates'] = lion_optax.hlo.tree_bytes(state)
     expected = _lion_single_device()
     out['max_diff_vs_single_device'] = max(
         float(np.max(np.abs(np.asarray(params[k]) - expected[k]))) for k in params
@@ -324,6 +330,7 @@ def zero_int8() -> dict:
     from jax.sharding import PartitionSpec as P
 
     import lion_optax
+    import lion_optax.checkpoint
 
     rng = np.random.default_rng(2)
     params_np = {'w': rng.normal(size=(64, 256)).astype(np.float32)}
@@ -363,6 +370,7 @@ def checkpoints_across_meshes(folder: str) -> dict:
     from jax.sharding import PartitionSpec as P
 
     import lion_optax
+    import lion_optax.checkpoint
 
     rng = np.random.default_rng(3)
     params_np = {'w': rng.normal(size=(64, 256)).astype(np.float32),
@@ -391,12 +399,12 @@ def checkpoints_across_meshes(folder: str) -> dict:
         saving = layouts['mesh_8']
         params = {k: jax.device_put(v, saving[k]) for k, v in params_np.items()}
         params, state = run(tx, params, jax.jit(tx.init)(params), grads_np[:STEPS], saving)
-        lion_optax.save_checkpoint(f'{folder}/{storage}', STEPS, {'params': params, 'opt': state})
+        lion_optax.checkpoint.save_checkpoint(f'{folder}/{storage}', STEPS, {'params': params, 'opt': state})
         expected, _ = run(tx, params, state, grads_np[STEPS:], saving)
         for name, shardings in layouts.items():
             target_params = {k: jax.device_put(v, shardings[k]) for k, v in params_np.items()}
             target = {'params': target_params, 'opt': jax.jit(tx.init)(target_params)}
-            restored, _ = lion_optax.restore_checkpoint(f'{folder}/{storage}', target)
+            restored, _ = lion_optax.checkpoint.restore_checkpoint(f'{folder}/{storage}', target)
             same = jax.tree.map(
                 lambda r, t: r.sharding.is_equivalent_to(t.sharding, r.ndim), restored, target
             )
@@ -410,11 +418,11 @@ def checkpoints_across_meshes(folder: str) -> dict:
             }
         other = lion_optax.lion(1e-2, mu_dtype=jnp.float32 if storage == 'int8' else 'int8')
         try:
-            lion_optax.restore_checkpoint(
+            lion_optax.checkpoint.restore_checkpoint(
                 f'{folder}/{storage}', {'params': params, 'opt': other.init(params)}
             )
             out[f'{storage}/mismatch_error'] = ''
-        except lion_optax.CheckpointMismatchError as error:
+        except lion_optax.checkpoint.CheckpointMismatchError as error:
             out[f'{storage}/mismatch_error'] = str(error)
     return out
 
@@ -427,6 +435,7 @@ def memory_script_check() -> dict:
     from jax.sharding import AxisType, NamedSharding
 
     import lion_optax
+    import lion_optax.checkpoint
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks'))
     import memory_at_scale
@@ -447,7 +456,7 @@ def memory_script_check() -> dict:
         # optax's own init under jit leaves the state unsharded (zeros that depend
         # on nothing); eagerly it follows the parameters, which is what we compare.
         init = tx.init if name.startswith('optax') else jax.jit(tx.init)
-        held = lion_optax.tree_bytes(init(params))
+        held = lion_optax.hlo.tree_bytes(init(params))
         out[name] = {'predicted': predicted, 'held': held}
     return out
 

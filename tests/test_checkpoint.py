@@ -31,9 +31,14 @@ import optax
 import pytest
 
 import lion_optax
-from lion_optax import CheckpointMismatchError, latest_step, restore_checkpoint, save_checkpoint
 from lion_optax._src import checkpoint
 from lion_optax._src.checkpoint import CheckpointCorruptError
+from lion_optax.checkpoint import (
+    CheckpointMismatchError,
+    latest_step,
+    restore_checkpoint,
+    save_checkpoint,
+)
 
 TOTAL_STEPS = 6
 SPLIT_STEP = 3

@@ -1,4 +1,4 @@
-"""Tests of Distributed Lion (lion_optax/_src/distributed.py).
+"""Tests of Distributed Lion (lion_optax/_src/distributed.py and sign_aggregation.py).
 
 In this process (one device): the packing, the aggregation under ``vmap``
 with eight simulated workers against NumPy, one worker against ``lion``, the
@@ -24,7 +24,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import lion_optax
-from lion_optax._src import distributed
+from lion_optax._src import sign_aggregation
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name('_multidevice_distributed.py')
@@ -63,22 +63,22 @@ def distributed_lion_numpy(params, grads, *, lr, b1, b2, wd, method):
 
 @pytest.mark.parametrize('base, expected', [(3, 20), (17, 7), (513, 3), (2, 32)])
 def test_digits_per_word_is_the_largest_that_fits_uint32(base, expected):
-    k = distributed.digits_per_word(base)
+    k = sign_aggregation.digits_per_word(base)
     assert k == expected
     assert base**k <= 2**32 < base ** (k + 1)
 
 
 @pytest.mark.parametrize('base', [3, 17, 513])
 def test_pack_unpack_round_trip_at_the_extremes(base):
-    k = distributed.digits_per_word(base)
+    k = sign_aggregation.digits_per_word(base)
     rng = np.random.default_rng(base)
     digits = rng.integers(0, base, size=(50, k)).astype(np.uint32)
     digits[0] = base - 1  # the largest packed value, base**k - 1
     digits[1] = 0
-    words = distributed.pack_digits(jnp.asarray(digits), base)
+    words = sign_aggregation.pack_digits(jnp.asarray(digits), base)
     assert words.dtype == jnp.uint32
     assert int(words[0]) == base**k - 1
-    np.testing.assert_array_equal(distributed.unpack_digits(words, base, k), digits)
+    np.testing.assert_array_equal(sign_aggregation.unpack_digits(words, base, k), digits)
 
 
 # --- traffic analysis -------------------------------------------------------

@@ -16,7 +16,7 @@ from flax import linen, nnx
 from flax.training import train_state
 
 import lion_optax
-from lion_optax import restore_checkpoint, save_checkpoint
+from lion_optax.checkpoint import restore_checkpoint, save_checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks'))
 from _tasks import decay_mask  # noqa: E402

@@ -85,7 +85,7 @@ ROOT %m = pred[] all-reduce(%k), channel_id=7, replica_groups=mesh['axis_0'=2,'a
 
 
 def test_hlo_collectives_reads_every_kind_and_replica_group_format():
-    found = lion_optax.hlo_collectives(HLO)
+    found = lion_optax.hlo.hlo_collectives(HLO)
     summary = [(c.kind, c.buffer_bytes, c.group_size, c.bytes_sent) for c in found]
     assert summary == [
         ('all-reduce', 4096.0, 4, 2 * 3 / 4 * 4096),  # ring: 2 (n-1)/n
@@ -96,21 +96,21 @@ def test_hlo_collectives_reads_every_kind_and_replica_group_format():
         ('all-gather', 256.0, 8, 7 / 8 * 256),  # async: counted once, its result
         ('all-reduce', 1.0, 4, 1.5),  # mesh-axis groups
     ]
-    assert lion_optax.bytes_sent_per_device(HLO) == pytest.approx(sum(s[3] for s in summary))
+    assert lion_optax.hlo.bytes_sent_per_device(HLO) == pytest.approx(sum(s[3] for s in summary))
 
 
 def test_hlo_collectives_accepts_compiled_and_lowered_programs():
     lowered = jax.jit(lambda x: x * 2).lower(jnp.ones(3))
-    assert lion_optax.hlo_collectives(lowered) == []
-    assert lion_optax.bytes_sent_per_device(lowered.compile()) == 0.0
+    assert lion_optax.hlo.hlo_collectives(lowered) == []
+    assert lion_optax.hlo.bytes_sent_per_device(lowered.compile()) == 0.0
 
 
 def test_tree_bytes_counts_per_device_and_global():
     tree = {'a': jnp.zeros((4, 2)), 'b': jnp.zeros(3, jnp.bfloat16), 'n': np.zeros(2, np.float64)}
-    assert lion_optax.tree_bytes(tree) == 32 + 6 + 16
-    assert lion_optax.tree_bytes(tree, per_device=False) == 32 + 6 + 16
+    assert lion_optax.hlo.tree_bytes(tree) == 32 + 6 + 16
+    assert lion_optax.hlo.tree_bytes(tree, per_device=False) == 32 + 6 + 16
     with pytest.raises(ValueError):
-        lion_optax.tree_bytes(tree, per_device='yes')
+        lion_optax.hlo.tree_bytes(tree, per_device='yes')
 
 
 # --- shard_optimizer_state in one process ---------------------------------------

@@ -97,17 +97,17 @@ class CheckpointCorruptError(ValueError):
     mismatch (for example by building the target another way) must not swallow it.
 
     Example:
-      >>> import tempfile, jax.numpy as jnp, lion_optax
-      >>> from lion_optax import CheckpointCorruptError
+      >>> import tempfile, jax.numpy as jnp, lion_optax, lion_optax.checkpoint
+      >>> from lion_optax.checkpoint import CheckpointCorruptError
       >>> folder = tempfile.mkdtemp()
       >>> state = {'w': jnp.arange(4.0)}
-      >>> saved = lion_optax.save_checkpoint(folder, 1, state)
+      >>> saved = lion_optax.checkpoint.save_checkpoint(folder, 1, state)
       >>> data = max((p for p in (saved / 'arrays').rglob('*') if p.is_file()),
       ...            key=lambda p: p.stat().st_size)
       >>> raw = bytearray(data.read_bytes()); raw[len(raw) // 2] ^= 0x01
       >>> _ = data.write_bytes(bytes(raw))
       >>> try:
-      ...     lion_optax.restore_checkpoint(folder, state)
+      ...     lion_optax.checkpoint.restore_checkpoint(folder, state)
       ... except CheckpointCorruptError as error:
       ...     print(str(error).splitlines()[0])  # doctest: +ELLIPSIS
       The checkpoint for step 1 at .../1 is corrupt (1 file(s) differ from its manifest):
@@ -257,7 +257,7 @@ def _inspect(folder: pathlib.Path, step: int) -> tuple[str, Any]:
         return 'incomplete', (
             f'it has no {_MANIFEST}, which a save writes last: the save that created '
             'it was interrupted (killed) before it finished, or the folder was not '
-            'written by lion_optax.save_checkpoint'
+            'written by lion_optax.checkpoint.save_checkpoint'
         )
     except OSError as error:
         return 'damaged', f'its manifest cannot be read ({error})'
@@ -381,16 +381,16 @@ def latest_step(directory: str | os.PathLike[str]) -> int | None:
       The step number, or None.
 
     Example:
-      >>> import tempfile, jax.numpy as jnp, lion_optax
+      >>> import tempfile, jax.numpy as jnp, lion_optax, lion_optax.checkpoint
       >>> folder = tempfile.mkdtemp()
-      >>> print(lion_optax.latest_step(folder))
+      >>> print(lion_optax.checkpoint.latest_step(folder))
       None
-      >>> _ = lion_optax.save_checkpoint(folder, 3, {'w': jnp.zeros(2)})
-      >>> _ = lion_optax.save_checkpoint(folder, 7, {'w': jnp.ones(2)})
-      >>> lion_optax.latest_step(folder)
+      >>> _ = lion_optax.checkpoint.save_checkpoint(folder, 3, {'w': jnp.zeros(2)})
+      >>> _ = lion_optax.checkpoint.save_checkpoint(folder, 7, {'w': jnp.ones(2)})
+      >>> lion_optax.checkpoint.latest_step(folder)
       7
       >>> import os; os.remove(os.path.join(folder, '7', 'lion_optax_manifest.json'))
-      >>> lion_optax.latest_step(folder)  # 7 is no longer complete
+      >>> lion_optax.checkpoint.latest_step(folder)  # 7 is no longer complete
       3
     """
     return _newest(pathlib.Path(directory).absolute())[0]
@@ -547,13 +547,13 @@ def save_checkpoint(
         untouched.
 
     Example:
-      >>> import os, tempfile, jax.numpy as jnp, lion_optax
+      >>> import os, tempfile, jax.numpy as jnp, lion_optax, lion_optax.checkpoint
       >>> params = {'w': jnp.ones(3)}
       >>> opt_state = lion_optax.lion(1e-3).init(params)
       >>> folder = tempfile.mkdtemp()
-      >>> lion_optax.save_checkpoint(folder, 5, {'params': params, 'opt_state': opt_state}).name
+      >>> lion_optax.checkpoint.save_checkpoint(folder, 5, {'params': params, 'opt_state': opt_state}).name
       '5'
-      >>> _ = lion_optax.save_checkpoint(folder, 5, {'params': params, 'opt_state': opt_state},
+      >>> _ = lion_optax.checkpoint.save_checkpoint(folder, 5, {'params': params, 'opt_state': opt_state},
       ...                                overwrite=True)
       >>> os.listdir(folder)  # the old copy of step 5 is gone, and nothing temporary is left
       ['5']
@@ -738,20 +738,20 @@ def restore_checkpoint(
         format (another version of lion_optax).
 
     Example:
-      >>> import tempfile, jax.numpy as jnp, lion_optax
+      >>> import tempfile, jax.numpy as jnp, lion_optax, lion_optax.checkpoint
       >>> params = {'w': jnp.ones(3)}
       >>> tx = lion_optax.lion(1e-3)
       >>> state = {'params': params, 'opt_state': tx.init(params)}
       >>> folder = tempfile.mkdtemp()
-      >>> _ = lion_optax.save_checkpoint(folder, 10, state)
-      >>> restored, step = lion_optax.restore_checkpoint(folder, state)
+      >>> _ = lion_optax.checkpoint.save_checkpoint(folder, 10, state)
+      >>> restored, step = lion_optax.checkpoint.restore_checkpoint(folder, state)
       >>> step, restored['params']['w'].tolist()
       (10, [1.0, 1.0, 1.0])
       >>> bf16 = lion_optax.lion(1e-3, mu_dtype=jnp.bfloat16)
       >>> try:
-      ...     lion_optax.restore_checkpoint(
+      ...     lion_optax.checkpoint.restore_checkpoint(
       ...         folder, {'params': params, 'opt_state': bf16.init(params)})
-      ... except lion_optax.CheckpointMismatchError as error:
+      ... except lion_optax.checkpoint.CheckpointMismatchError as error:
       ...     print(str(error).splitlines()[1])  # doctest: +ELLIPSIS
         ['opt_state']...mu['w']: checkpoint has float32[3], target expects bfloat16[3]
     """
@@ -764,7 +764,7 @@ def restore_checkpoint(
         if step is None:
             raise FileNotFoundError(
                 f'No checkpoint under {directory}: expected complete sub-folders named '
-                'by step, written by lion_optax.save_checkpoint.'
+                'by step, written by lion_optax.checkpoint.save_checkpoint.'
                 + (f' These are not complete:\n  {passed}' if passed_over else '')
             )
         if passed_over:

@@ -29,6 +29,7 @@ import numpy as np
 
 from lion_optax._src import kappa as kappa_lib
 from lion_optax._src import validation
+from lion_optax._src import weight_decay as weight_decay_lib
 
 PyTree = Any
 
@@ -95,14 +96,12 @@ class ConstraintDiagnostics(NamedTuple):
 
 def _norm(x: jax.Array, q: float) -> jax.Array:
     """``||x||_q`` in float32 (or wider), computed from ``x / max|x|`` (no overflow)."""
-    x = jnp.abs(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
-    scale = jnp.max(x, initial=0.0)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    scale = kappa_lib.max_abs(x)
     if q == math.inf:
         return scale
-    safe = jnp.where(scale == 0, 1.0, scale)
-    ratio = x / safe
-    total = jnp.sum(ratio * ratio if q == 2.0 else ratio**q)
-    return safe * total ** (1.0 / q) * (scale != 0)
+    inverse_scale = kappa_lib.inverse_scale(scale, x.dtype)
+    return scale * kappa_lib.scaled_lp_sum(x, inverse_scale, q) ** (1.0 / q)
 
 
 def _broadcast_mask(mask: Any, params: PyTree) -> PyTree:
@@ -142,23 +141,9 @@ def _effective_decay(
             'weight_decay=schedule(step), since the feasible set moves with it.'
         )
     validation.check_nonnegative('weight_decay', weight_decay)
-    validation.check_choice('convention', convention, ('paper', 'fully_decoupled'))
+    weight_decay_lib.check_convention(convention, reference_learning_rate)
     decay = jnp.asarray(weight_decay, jnp.float32)
-    if convention == 'fully_decoupled':
-        if reference_learning_rate is None:
-            raise ValueError(
-                "convention='fully_decoupled' decays by (lr_t / lr_ref) * weight_decay, "
-                'which is the paper convention with lambda = weight_decay / lr_ref: pass '
-                'reference_learning_rate=lr_ref.'
-            )
-        validation.check_positive('reference_learning_rate', reference_learning_rate)
-        decay = decay / reference_learning_rate
-    elif reference_learning_rate is not None:
-        raise ValueError(
-            "reference_learning_rate is only used with convention='fully_decoupled'; "
-            'remove it or change the convention.'
-        )
-    return decay
+    return weight_decay_lib.paper_equivalent_decay(decay, convention, reference_learning_rate)
 
 
 def constraint_diagnostics(

@@ -233,11 +233,6 @@ def scale_by_lion(
     """
     validation.check_probability('b1', b1)
     validation.check_probability('b2', b2)
-    if isinstance(mu_dtype, jax.Array) and mu_dtype.ndim == 0:
-        # optax.inject_hyperparams takes a dtype class such as jnp.bfloat16 for
-        # a schedule (it is callable) and passes jnp.bfloat16(count): a scalar
-        # of that dtype. The dtype is what was meant.
-        mu_dtype = mu_dtype.dtype
     int8 = momentum_storage.resolve_int8(mu_dtype)
     mu_dtype = int8 if int8 is not None else validation.check_float_dtype('mu_dtype', mu_dtype)
     kappa_fn = kappa_lib.resolve_kappa(kappa)

@@ -268,11 +268,11 @@ def tanh_kappa(beta: float = 1.0) -> Kappa:
     )
 
 
-def _max_abs(c: jax.Array) -> jax.Array:
+def max_abs(c: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(c), initial=0.0)
 
 
-def _inverse_scale(scale: jax.Array, dtype: Any) -> jax.Array:
+def inverse_scale(scale: jax.Array, dtype: Any) -> jax.Array:
     """``1 / max|c|``, with a zero or subnormal ``max|c|`` taken as the smallest normal.
 
     A reciprocal rather than a divisor: ``c * (1 / scale)`` divides once per
@@ -300,7 +300,7 @@ def _lp_direction(c: jax.Array, inverse_scale: jax.Array, norm: jax.Array, p: fl
     return jnp.sign(ratio) * jnp.abs(ratio) ** (p - 1.0)
 
 
-def _scaled_lp_sum(c: jax.Array, inverse_scale: jax.Array, p: float) -> jax.Array:
+def scaled_lp_sum(c: jax.Array, inverse_scale: jax.Array, p: float) -> jax.Array:
     """``sum(|c / max|c||^p)``."""
     ratio = jnp.abs(c) * inverse_scale.astype(c.dtype)
     return jnp.sum(ratio * ratio if p == 2.0 else ratio**p)
@@ -369,9 +369,9 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
     elif scope == 'leaf':
 
         def leaf_direction(c: jax.Array) -> jax.Array:
-            inverse_scale = _inverse_scale(_max_abs(c), c.dtype)
-            norm = _scaled_lp_sum(c, inverse_scale, p_value) ** (1.0 / p_value)
-            return _lp_direction(c, inverse_scale, norm, p_value)
+            reciprocal = inverse_scale(max_abs(c), c.dtype)
+            norm = scaled_lp_sum(c, reciprocal, p_value) ** (1.0 / p_value)
+            return _lp_direction(c, reciprocal, norm, p_value)
 
         fn = _elementwise(leaf_direction)
     else:
@@ -381,13 +381,13 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
             if not leaves:
                 return tree
             dtype = jnp.result_type(*leaves)
-            scale = jnp.max(jnp.stack([_max_abs(c).astype(dtype) for c in leaves]))
-            inverse_scale = _inverse_scale(scale, dtype)
-            total = sum(_scaled_lp_sum(c, inverse_scale, p_value).astype(dtype) for c in leaves)
+            scale = jnp.max(jnp.stack([max_abs(c).astype(dtype) for c in leaves]))
+            reciprocal = inverse_scale(scale, dtype)
+            total = sum(scaled_lp_sum(c, reciprocal, p_value).astype(dtype) for c in leaves)
             # ** (1 / p) is computed once (XLA:CPU copies cheap scalar arithmetic,
             # here the sum over leaves, into each consumer but not a power).
             norm = total ** (1.0 / p_value)
-            return jax.tree.map(lambda c: _lp_direction(c, inverse_scale, norm, p_value), tree)
+            return jax.tree.map(lambda c: _lp_direction(c, reciprocal, norm, p_value), tree)
 
     return Kappa(
         name=f'lp(p={p_value:g}, scope={scope})',

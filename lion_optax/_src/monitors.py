@@ -35,12 +35,9 @@ def _fraction(count_leaf, a: PyTree, b: PyTree, *, per_leaf: bool, who: str) -> 
     """Applies ``count_leaf(x, y) -> int count`` per leaf; returns fractions."""
     validation.check_matching_trees('second tree', b, a, 'first tree', who=who)
     counts = jax.tree.map(count_leaf, a, b)
-    sizes = jax.tree.map(lambda x: jnp.size(x), a)
     if per_leaf:
-        return jax.tree.map(
-            lambda n, s: n.astype(jnp.float32) / max(s, 1), counts, sizes
-        )
-    total = sum(jax.tree.leaves(sizes))
+        return jax.tree.map(lambda n, x: n.astype(jnp.float32) / max(jnp.size(x), 1), counts, a)
+    total = optax.tree.size(a)
     if total == 0:
         return jnp.zeros([], jnp.float32)
     count = sum(n.astype(jnp.float32) for n in jax.tree.leaves(counts))

@@ -24,6 +24,40 @@ AddDecoupledWeightDecayState = type(
 )
 
 
+def check_convention(convention: str, reference_learning_rate: float | None) -> None:
+    """Refuses an unknown convention, or a reference learning rate that does not fit it."""
+    validation.check_choice('convention', convention, WEIGHT_DECAY_CONVENTIONS)
+    if convention == 'fully_decoupled':
+        if reference_learning_rate is None:
+            raise ValueError(
+                "convention='fully_decoupled' scales the decay by lr_t / lr_ref "
+                'and needs reference_learning_rate=lr_ref (usually the peak '
+                'learning rate of your schedule). Pass it, or use '
+                "convention='paper'."
+            )
+        validation.check_positive('reference_learning_rate', reference_learning_rate)
+    elif reference_learning_rate is not None:
+        raise ValueError(
+            "reference_learning_rate is only used with convention='fully_decoupled'"
+            f'; got it with convention={convention!r}. Remove it, or choose '
+            "convention='fully_decoupled'."
+        )
+
+
+def paper_equivalent_decay(
+    weight_decay: Any, convention: str, reference_learning_rate: float | None
+) -> Any:
+    """The decay :math:`\\lambda` of the paper convention that gives the same step.
+
+    ``'fully_decoupled'`` decays by :math:`(\\eta_t/\\eta_{\\mathrm{ref}})\\,w`,
+    which is the paper's :math:`\\eta_t \\lambda` with :math:`\\lambda =
+    w / \\eta_{\\mathrm{ref}}`.
+    """
+    if convention == 'fully_decoupled':
+        return weight_decay / reference_learning_rate
+    return weight_decay
+
+
 def add_decoupled_weight_decay(
     weight_decay: optax.ScalarOrSchedule = 1e-3,
     *,
@@ -78,22 +112,7 @@ def add_decoupled_weight_decay(
       Array([1.2], dtype=float32)
     """
     validation.check_nonnegative('weight_decay', weight_decay)
-    validation.check_choice('convention', convention, WEIGHT_DECAY_CONVENTIONS)
-    if convention == 'fully_decoupled':
-        if reference_learning_rate is None:
-            raise ValueError(
-                "convention='fully_decoupled' scales the decay by lr_t / lr_ref "
-                'and needs reference_learning_rate=lr_ref (usually the peak '
-                'learning rate of your schedule). Pass it, or use '
-                "convention='paper'."
-            )
-        validation.check_positive('reference_learning_rate', reference_learning_rate)
-    elif reference_learning_rate is not None:
-        raise ValueError(
-            "reference_learning_rate is only used with convention='fully_decoupled'"
-            f'; got it with convention={convention!r}. Remove it, or choose '
-            "convention='fully_decoupled'."
-        )
+    check_convention(convention, reference_learning_rate)
     if mask is not None and not callable(mask):
         if not jax.tree.leaves(mask):
             raise ValueError('mask is an empty tree; pass None to decay every leaf.')
@@ -108,9 +127,7 @@ def add_decoupled_weight_decay(
 
     def rate(count: jax.Array | None) -> Any:
         value = weight_decay(count) if count is not None else weight_decay
-        if convention == 'fully_decoupled':
-            value = value / reference_learning_rate
-        return value
+        return paper_equivalent_decay(value, convention, reference_learning_rate)
 
     scheduled = callable(weight_decay)
     no_decay = not scheduled and validation.concrete_float(weight_decay) == 0.0
