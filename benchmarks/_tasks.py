@@ -1,18 +1,9 @@
-"""Data, models and the jitted training loop behind ``benchmarks/main_job.py``.
+"""Tasks, optimizers and the jitted training loop behind ``benchmarks/main_job.py``.
 
-Everything here runs on data that ships with Python or scikit-learn, so nothing is
-downloaded:
-
-* scikit-learn's 8x8 handwritten digits (1797 images), split 60/20/20 into train,
-  validation (tuning) and test (reporting);
-* the English documentation text in the standard library's ``pydoc_data``
-  (about 465k characters), split 80/10/10 into contiguous train, validation and test
-  parts (so the held-out text is about topics the model never saw).
-
-Models are Flax NNX modules. The training loop is functional: the model is split
-once into a graph definition and a pure parameter tree; each step is one jitted
-gradient (shared by all optimizers of a task) and one jitted optimizer update (see
-``Trainer``).
+The data are in ``_data`` and the models in ``_models``. The training loop is
+functional: the model is split once into a graph definition and a pure parameter tree;
+each step is one jitted gradient (shared by all optimizers of a task) and one jitted
+optimizer update (see ``Trainer``).
 """
 
 from __future__ import annotations
@@ -23,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import _data
+import _models
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,195 +24,9 @@ from flax import nnx
 
 import lion_optax
 
-# ---------------------------------------------------------------------------
-# Data.
-# ---------------------------------------------------------------------------
-
-Split = tuple[np.ndarray, np.ndarray]
-
-
-def load_digits_splits(split_seed: int = 0) -> dict[str, Split]:
-    """Returns scikit-learn's digits as ``{"train", "val", "test"}`` -> (images, labels).
-
-    Images are float32 ``[n, 8, 8, 1]`` scaled to [0, 1]; labels are int32. The split
-    is a fixed stratification-free permutation (60/20/20) so every optimizer and seed
-    sees the same held-out images.
-    """
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int32)
-    order = np.random.default_rng(split_seed).permutation(len(y))
-    n_val = n_test = len(y) // 5
-    parts = {
-        'test': order[:n_test],
-        'val': order[n_test : n_test + n_val],
-        'train': order[n_test + n_val :],
-    }
-    return {name: (x[idx], y[idx]) for name, idx in parts.items()}
-
-
-def load_pydoc_text() -> str:
-    """Returns the standard library's documentation topics as one English text."""
-    from pydoc_data import topics  # pylint: disable=g-import-not-at-top
-
-    return '\n\n'.join(topics.topics[key] for key in sorted(topics.topics))
-
-
-@dataclasses.dataclass(frozen=True)
-class CharCorpus:
-    """A character-level corpus: vocabulary and integer-coded contiguous splits."""
-
-    vocab: str  # index 0 is reserved for characters not seen in training
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-
-def char_corpus(text: str, max_chars: int | None = None) -> CharCorpus:
-    """Encodes ``text`` per character and splits it 80/10/10 (train/val/test).
-
-    Args:
-      text: the corpus.
-      max_chars: keep only the first ``max_chars`` characters of each split's source
-        range (used by tiny smoke runs); ``None`` keeps everything.
-
-    Returns:
-      A ``CharCorpus``; characters absent from the training part map to index 0.
-    """
-    n = len(text)
-    bounds = {
-        'train': (0, int(0.8 * n)),
-        'val': (int(0.8 * n), int(0.9 * n)),
-        'test': (int(0.9 * n), n),
-    }
-    pieces = {k: text[a:b] for k, (a, b) in bounds.items()}
-    if max_chars is not None:
-        pieces = {k: v[:max_chars] for k, v in pieces.items()}
-    vocab = '\0' + ''.join(sorted(set(pieces['train']) - {'\0'}))
-    index = {c: i for i, c in enumerate(vocab)}
-
-    def encode(part: str) -> np.ndarray:
-        return np.array([index.get(c, 0) for c in part], dtype=np.int32)
-
-    return CharCorpus(vocab, *(encode(pieces[k]) for k in ('train', 'val', 'test')))
-
-
-def lm_windows(tokens: np.ndarray, context: int) -> Split:
-    """Cuts a token stream into non-overlapping (inputs, next-character targets)."""
-    n = (len(tokens) - 1) // context
-    x = tokens[: n * context].reshape(n, context)
-    y = tokens[1 : n * context + 1].reshape(n, context)
-    return x, y
-
-
-# ---------------------------------------------------------------------------
-# Models (Flax NNX).
-# ---------------------------------------------------------------------------
-
-
-class MLP(nnx.Module):
-    """Two hidden GELU layers with LayerNorm on flattened 8x8 images."""
-
-    def __init__(self, hidden: int, classes: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(64, hidden, rngs=rngs)
-        self.norm = nnx.LayerNorm(hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], -1)
-        x = nnx.gelu(self.norm(self.fc1(x)))
-        x = nnx.gelu(self.fc2(x))
-        return self.out(x)
-
-
-class CNN(nnx.Module):
-    """Two 3x3 convolutions, LayerNorm, 2x2 average pooling and a linear head."""
-
-    def __init__(self, channels: int, classes: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(1, channels, (3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(channels, 2 * channels, (3, 3), rngs=rngs)
-        self.norm = nnx.LayerNorm(2 * channels, rngs=rngs)
-        self.out = nnx.Linear(4 * 4 * 2 * channels, classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.gelu(self.conv1(x))
-        x = nnx.gelu(self.norm(self.conv2(x)))
-        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
-        return self.out(x.reshape(x.shape[0], -1))
-
-
-class Block(nnx.Module):
-    """Pre-LayerNorm Transformer block with causal self-attention."""
-
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
-        self.heads = heads
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.fc = nnx.Linear(dim, 4 * dim, rngs=rngs)
-        self.fc_out = nnx.Linear(4 * dim, dim, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-        shape = (b, t, self.heads, d // self.heads)
-        attn = jax.nn.dot_product_attention(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), is_causal=True
-        )
-        x = x + self.proj(attn.reshape(b, t, d))
-        return x + self.fc_out(nnx.gelu(self.fc(self.norm2(x))))
-
-
-class CharTransformer(nnx.Module):
-    """A small GPT-style character language model."""
-
-    def __init__(
-        self, vocab: int, context: int, dim: int, heads: int, layers: int, *, rngs: nnx.Rngs
-    ):
-        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (context, dim)))
-        self.blocks = nnx.List([Block(dim, heads, rngs=rngs) for _ in range(layers)])
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, vocab, rngs=rngs)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-
-# ---------------------------------------------------------------------------
-# Weight-decay mask.
-# ---------------------------------------------------------------------------
-
-NO_DECAY_NAMES = ('bias', 'scale')
-
-
-def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay; False for biases and norm scales.
-
-    Works on any Flax parameter tree (linen ``params`` dicts, NNX ``State`` whether its
-    leaves are ``nnx.Variable`` or plain arrays): a leaf is skipped when the last
-    dictionary key on its path is ``"bias"`` or ``"scale"``.
-
-    Args:
-      params: a parameter tree.
-
-    Returns:
-      A tree of Python bools with the structure of ``params``, usable as the ``mask``
-      argument of ``lion_optax.lion`` / ``optax.adamw``.
-    """
-
-    def decays(path, _):
-        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return not (names and names[-1] in NO_DECAY_NAMES)
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+# Kept importable from here for the code that imported it before the split
+# (tests/test_flax.py); the mask lives with the models.
+decay_mask = _models.decay_mask
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +46,7 @@ class Task:
     name: str
     description: str
     make_model: Callable[[nnx.Rngs], nnx.Module]
-    data: dict[str, Split]
+    data: dict[str, _data.Split]
     batch_size: int
     steps: int
     eval_every: int
@@ -251,7 +58,7 @@ class Task:
 
 def digits_tasks(steps: int, eval_every: int, batch_size: int = 64) -> list[Task]:
     """The MLP and CNN tasks on scikit-learn's digits."""
-    data = load_digits_splits()
+    data = _data.load_digits_splits()
     common = dict(
         data=data,
         batch_size=batch_size,
@@ -265,13 +72,13 @@ def digits_tasks(steps: int, eval_every: int, batch_size: int = 64) -> list[Task
         Task(
             'digits-mlp',
             'MLP 64-256-256-10 (LayerNorm, GELU) on sklearn digits',
-            lambda rngs: MLP(256, 10, rngs=rngs),
+            lambda rngs: _models.MLP(256, 10, rngs=rngs),
             **common,
         ),
         Task(
             'digits-cnn',
             'CNN conv16-conv32-LayerNorm-pool-linear on sklearn digits',
-            lambda rngs: CNN(16, 10, rngs=rngs),
+            lambda rngs: _models.CNN(16, 10, rngs=rngs),
             **common,
         ),
     ]
@@ -305,8 +112,8 @@ def char_lm_task(
     Returns:
       The ``Task``.
     """
-    corpus = char_corpus(load_pydoc_text(), max_chars=max_chars)
-    held_out = {k: lm_windows(getattr(corpus, k), context) for k in ('val', 'test')}
+    corpus = _data.char_corpus(_data.load_pydoc_text(), max_chars=max_chars)
+    held_out = {k: _data.lm_windows(getattr(corpus, k), context) for k in ('val', 'test')}
     if eval_windows is not None:
         held_out = {k: (x[:eval_windows], y[:eval_windows]) for k, (x, y) in held_out.items()}
     # The training split stays one stream; batches are random windows of it.
@@ -316,7 +123,7 @@ def char_lm_task(
         'char-lm',
         f'char Transformer ({layers} layers, width {dim}, context {context}, '
         f'vocab {vocab}) on pydoc_data text ({len(corpus.train):,} train chars)',
-        lambda rngs: CharTransformer(vocab, context, dim, 4, layers, rngs=rngs),
+        lambda rngs: _models.CharTransformer(vocab, context, dim, 4, layers, rngs=rngs),
         data,
         batch_size,
         steps,
@@ -370,10 +177,10 @@ def build_optimizer(
     wd = weight_decay
     if name == ADAMW:
         b1, b2 = task.adamw_betas
-        return optax.adamw(lr, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
+        return optax.adamw(lr, b1=b1, b2=b2, weight_decay=wd, mask=_models.decay_mask)
     b1, b2 = task.lion_betas
     if name == OPTAX_LION:
-        return optax.lion(lr, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
+        return optax.lion(lr, b1=b1, b2=b2, weight_decay=wd, mask=_models.decay_mask)
     if name in (LION, CAUTIOUS_LION, INT8_LION):
         return lion_optax.lion(
             lr,
@@ -381,7 +188,7 @@ def build_optimizer(
             b2=b2,
             mu_dtype='int8' if name == INT8_LION else None,
             weight_decay=wd,
-            mask=decay_mask,
+            mask=_models.decay_mask,
             cautious=name == CAUTIOUS_LION,
         )
     raise ValueError(f'Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.')
@@ -422,7 +229,8 @@ class RunResult:
         return None, None
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean softmax cross-entropy (in float32) and accuracy of integer ``labels``."""
     logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     accuracy = (logits.argmax(-1) == labels).mean()
@@ -431,17 +239,17 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax
 
 @functools.cache
 def _graphdef(task: Task) -> Any:
-    return nnx.split(nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0))))[0]
+    return _models.graph_definition(task.make_model)
 
 
 def _loss(task: Task, params: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _cross_entropy(nnx.merge(_graphdef(task), params)(x), y)
+    return cross_entropy(_models.apply(_graphdef(task), params, x), y)
 
 
 @functools.cache
 def _initializer(task: Task) -> Callable[[jax.Array], Any]:
     # One compilation for the whole model instead of one per parameter shape.
-    return jax.jit(lambda key: nnx.as_pure(nnx.split(task.make_model(nnx.Rngs(key)))[1]))
+    return jax.jit(functools.partial(_models.init_params, task.make_model))
 
 
 def init_params(task: Task, seed: int) -> Any:

@@ -19,32 +19,33 @@ import lion_optax
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks')
 sys.path.insert(0, BENCHMARKS)
+import _data  # noqa: E402
 import _tasks  # noqa: E402
 import main_job  # noqa: E402
 
 
 def test_char_corpus_splits_and_unknown_characters():
-    corpus = _tasks.char_corpus('abcabcabca' + 'xyz' * 10)
+    corpus = _data.char_corpus('abcabcabca' + 'xyz' * 10)
     assert len(corpus.train) + len(corpus.val) + len(corpus.test) == 40
     assert corpus.vocab[0] == '\0'
     assert set(corpus.vocab) == {'\0', 'a', 'b', 'c', 'x', 'y', 'z'}
     # Characters never seen in training map to index 0.
-    held_out = _tasks.char_corpus('aaaaaaaa' + 'bq')
+    held_out = _data.char_corpus('aaaaaaaa' + 'bq')
     assert held_out.test.tolist() == [0]
 
 
 def test_lm_windows_targets_are_next_characters():
     tokens = np.arange(23, dtype=np.int32)
-    x, y = _tasks.lm_windows(tokens, context=5)
+    x, y = _data.lm_windows(tokens, context=5)
     assert x.shape == y.shape == (4, 5)
     np.testing.assert_array_equal(y, x + 1)
     np.testing.assert_array_equal(x.ravel(), tokens[:20])
 
 
 def test_real_data_ships_with_the_packages():
-    text = _tasks.load_pydoc_text()
+    text = _data.load_pydoc_text()
     assert len(text) > 100_000 and 'the' in text
-    splits = _tasks.load_digits_splits()
+    splits = _data.load_digits_splits()
     sizes = {k: len(v[1]) for k, v in splits.items()}
     assert sum(sizes.values()) == 1797 and sizes['val'] == sizes['test'] == 359
     train, test = set(map(bytes, splits['train'][0])), set(map(bytes, splits['test'][0]))
