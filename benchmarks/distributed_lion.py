@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _data  # noqa: E402
 import _models  # noqa: E402
-import _tasks  # noqa: E402
+import _training  # noqa: E402
 
 import lion_optax  # noqa: E402
 
@@ -65,7 +65,7 @@ GRAPHDEF = _models.graph_definition(MODEL)
 
 
 def _loss_and_accuracy(params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _tasks.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
+    return _training.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
 
 
 def _loss(params, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _data  # noqa: E402
 import _models  # noqa: E402
-import _tasks  # noqa: E402
+import _training  # noqa: E402
 
 import lion_optax  # noqa: E402
 
@@ -62,7 +62,7 @@ GRAPHDEF = _models.graph_definition(MODEL)
 
 
 def loss_and_accuracy(params, x, y):
-    return _tasks.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
+    return _training.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
 
 
 def loss_fn(params, x, y):
