@@ -1,230 +1,24 @@
-"""Data, models and the jitted training loop behind ``benchmarks/main_job.py``.
+"""The main job's problems: a dataset, a model, a training budget and a success target.
 
-Everything here runs on data that ships with Python or scikit-learn, so nothing is
-downloaded:
-
-* scikit-learn's 8x8 handwritten digits (1797 images), split 60/20/20 into train,
-  validation (tuning) and test (reporting);
-* the English documentation text in the standard library's ``pydoc_data``
-  (about 465k characters), split 80/10/10 into contiguous train, validation and test
-  parts (so the held-out text is about topics the model never saw).
-
-Models are Flax NNX modules. The training loop is functional: the model is split
-once into a graph definition and a pure parameter tree; each step is one jitted
-gradient (shared by all optimizers of a task) and one jitted optimizer update (see
-``Trainer``).
+* ``digits-mlp`` and ``digits-cnn``: scikit-learn's handwritten digits (see ``_data``);
+* ``char-lm``: a character-level Transformer on the standard library's ``pydoc_data``
+  documentation text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+import _data
+import _models
 import numpy as np
-import optax
 from flax import nnx
 
-import lion_optax
-
-# ---------------------------------------------------------------------------
-# Data.
-# ---------------------------------------------------------------------------
-
-Split = tuple[np.ndarray, np.ndarray]
-
-
-def load_digits_splits(split_seed: int = 0) -> dict[str, Split]:
-    """Returns scikit-learn's digits as ``{"train", "val", "test"}`` -> (images, labels).
-
-    Images are float32 ``[n, 8, 8, 1]`` scaled to [0, 1]; labels are int32. The split
-    is a fixed stratification-free permutation (60/20/20) so every optimizer and seed
-    sees the same held-out images.
-    """
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int32)
-    order = np.random.default_rng(split_seed).permutation(len(y))
-    n_val = n_test = len(y) // 5
-    parts = {
-        'test': order[:n_test],
-        'val': order[n_test : n_test + n_val],
-        'train': order[n_test + n_val :],
-    }
-    return {name: (x[idx], y[idx]) for name, idx in parts.items()}
-
-
-def load_pydoc_text() -> str:
-    """Returns the standard library's documentation topics as one English text."""
-    from pydoc_data import topics  # pylint: disable=g-import-not-at-top
-
-    return '\n\n'.join(topics.topics[key] for key in sorted(topics.topics))
-
-
-@dataclasses.dataclass(frozen=True)
-class CharCorpus:
-    """A character-level corpus: vocabulary and integer-coded contiguous splits."""
-
-    vocab: str  # index 0 is reserved for characters not seen in training
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-
-def char_corpus(text: str, max_chars: int | None = None) -> CharCorpus:
-    """Encodes ``text`` per character and splits it 80/10/10 (train/val/test).
-
-    Args:
-      text: the corpus.
-      max_chars: keep only the first ``max_chars`` characters of each split's source
-        range (used by tiny smoke runs); ``None`` keeps everything.
-
-    Returns:
-      A ``CharCorpus``; characters absent from the training part map to index 0.
-    """
-    n = len(text)
-    bounds = {
-        'train': (0, int(0.8 * n)),
-        'val': (int(0.8 * n), int(0.9 * n)),
-        'test': (int(0.9 * n), n),
-    }
-    pieces = {k: text[a:b] for k, (a, b) in bounds.items()}
-    if max_chars is not None:
-        pieces = {k: v[:max_chars] for k, v in pieces.items()}
-    vocab = '\0' + ''.join(sorted(set(pieces['train']) - {'\0'}))
-    index = {c: i for i, c in enumerate(vocab)}
-
-    def encode(part: str) -> np.ndarray:
-        return np.array([index.get(c, 0) for c in part], dtype=np.int32)
-
-    return CharCorpus(vocab, *(encode(pieces[k]) for k in ('train', 'val', 'test')))
-
-
-def lm_windows(tokens: np.ndarray, context: int) -> Split:
-    """Cuts a token stream into non-overlapping (inputs, next-character targets)."""
-    n = (len(tokens) - 1) // context
-    x = tokens[: n * context].reshape(n, context)
-    y = tokens[1 : n * context + 1].reshape(n, context)
-    return x, y
-
-
-# ---------------------------------------------------------------------------
-# Models (Flax NNX).
-# ---------------------------------------------------------------------------
-
-
-class MLP(nnx.Module):
-    """Two hidden GELU layers with LayerNorm on flattened 8x8 images."""
-
-    def __init__(self, hidden: int, classes: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(64, hidden, rngs=rngs)
-        self.norm = nnx.LayerNorm(hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], -1)
-        x = nnx.gelu(self.norm(self.fc1(x)))
-        x = nnx.gelu(self.fc2(x))
-        return self.out(x)
-
-
-class CNN(nnx.Module):
-    """Two 3x3 convolutions, LayerNorm, 2x2 average pooling and a linear head."""
-
-    def __init__(self, channels: int, classes: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(1, channels, (3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(channels, 2 * channels, (3, 3), rngs=rngs)
-        self.norm = nnx.LayerNorm(2 * channels, rngs=rngs)
-        self.out = nnx.Linear(4 * 4 * 2 * channels, classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.gelu(self.conv1(x))
-        x = nnx.gelu(self.norm(self.conv2(x)))
-        x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
-        return self.out(x.reshape(x.shape[0], -1))
-
-
-class Block(nnx.Module):
-    """Pre-LayerNorm Transformer block with causal self-attention."""
-
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
-        self.heads = heads
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.fc = nnx.Linear(dim, 4 * dim, rngs=rngs)
-        self.fc_out = nnx.Linear(4 * dim, dim, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-        shape = (b, t, self.heads, d // self.heads)
-        attn = jax.nn.dot_product_attention(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), is_causal=True
-        )
-        x = x + self.proj(attn.reshape(b, t, d))
-        return x + self.fc_out(nnx.gelu(self.fc(self.norm2(x))))
-
-
-class CharTransformer(nnx.Module):
-    """A small GPT-style character language model."""
-
-    def __init__(
-        self, vocab: int, context: int, dim: int, heads: int, layers: int, *, rngs: nnx.Rngs
-    ):
-        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (context, dim)))
-        self.blocks = nnx.List([Block(dim, heads, rngs=rngs) for _ in range(layers)])
-        self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, vocab, rngs=rngs)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-
-# ---------------------------------------------------------------------------
-# Weight-decay mask.
-# ---------------------------------------------------------------------------
-
-NO_DECAY_NAMES = ('bias', 'scale')
-
-
-def decay_mask(params: Any) -> Any:
-    """True for parameters that get weight decay; False for biases and norm scales.
-
-    Works on any Flax parameter tree (linen ``params`` dicts, NNX ``State`` whether its
-    leaves are ``nnx.Variable`` or plain arrays): a leaf is skipped when the last
-    dictionary key on its path is ``"bias"`` or ``"scale"``.
-
-    Args:
-      params: a parameter tree.
-
-    Returns:
-      A tree of Python bools with the structure of ``params``, usable as the ``mask``
-      argument of ``lion_optax.lion`` / ``optax.adamw``.
-    """
-
-    def decays(path, _):
-        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return not (names and names[-1] in NO_DECAY_NAMES)
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-# ---------------------------------------------------------------------------
-# Tasks.
-# ---------------------------------------------------------------------------
+# Kept importable from here for the code that imported it before the split
+# (tests/test_flax.py); the mask lives with the models.
+decay_mask = _models.decay_mask
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (cache key)
@@ -233,48 +27,63 @@ class Task:
 
     ``target`` is ``(metric, threshold)``: a run reaches the target at the first
     evaluation where validation ``metric`` is at least (accuracy) or at most (loss)
-    ``threshold``.
+    ``threshold``. ``context`` is the sequence length of a language model (its
+    training split is one token stream, batches are random windows of it) and None for
+    a classifier (batches are random examples).
     """
 
     name: str
     description: str
-    make_model: Callable[[nnx.Rngs], nnx.Module]
-    data: dict[str, Split]
+    make_model: _models.ModelFactory
+    data: dict[str, _data.Split]
     batch_size: int
     steps: int
     eval_every: int
     target: tuple[str, float]
-    lion_betas: tuple[float, float]
-    adamw_betas: tuple[float, float]
-    is_lm: bool = False
+    context: int | None = None
+
+    @functools.cached_property
+    def graphdef(self) -> nnx.GraphDef:
+        return _models.graph_definition(self.make_model)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.context is not None
+
+    def replace(self, **changes: Any) -> Task:
+        return dataclasses.replace(self, **changes)
 
 
-def digits_tasks(steps: int, eval_every: int, batch_size: int = 64) -> list[Task]:
-    """The MLP and CNN tasks on scikit-learn's digits."""
-    data = load_digits_splits()
-    common = dict(
-        data=data,
-        batch_size=batch_size,
-        steps=steps,
-        eval_every=eval_every,
-        target=('accuracy', 0.96),
-        lion_betas=(0.9, 0.99),
-        adamw_betas=(0.9, 0.999),
+def _digits_task(name, description, make_model, steps, eval_every, batch_size) -> Task:
+    return Task(
+        name,
+        description,
+        make_model,
+        _digits(),
+        batch_size,
+        steps,
+        eval_every,
+        ('accuracy', 0.96),
     )
-    return [
-        Task(
-            'digits-mlp',
-            'MLP 64-256-256-10 (LayerNorm, GELU) on sklearn digits',
-            lambda rngs: MLP(256, 10, rngs=rngs),
-            **common,
-        ),
-        Task(
-            'digits-cnn',
-            'CNN conv16-conv32-LayerNorm-pool-linear on sklearn digits',
-            lambda rngs: CNN(16, 10, rngs=rngs),
-            **common,
-        ),
-    ]
+
+
+@functools.cache
+def _digits() -> dict[str, _data.Split]:
+    return _data.load_digits_splits()
+
+
+def digits_mlp_task(steps: int, eval_every: int, batch_size: int = 64) -> Task:
+    """The MLP on scikit-learn's digits."""
+    description = 'MLP 64-256-256-10 (LayerNorm, GELU) on sklearn digits'
+    model = functools.partial(_models.MLP, 256, 10)
+    return _digits_task('digits-mlp', description, model, steps, eval_every, batch_size)
+
+
+def digits_cnn_task(steps: int, eval_every: int, batch_size: int = 64) -> Task:
+    """The CNN on scikit-learn's digits."""
+    description = 'CNN conv16-conv32-LayerNorm-pool-linear on sklearn digits'
+    model = functools.partial(_models.CNN, 16, 10)
+    return _digits_task('digits-cnn', description, model, steps, eval_every, batch_size)
 
 
 def char_lm_task(
@@ -305,285 +114,25 @@ def char_lm_task(
     Returns:
       The ``Task``.
     """
-    corpus = char_corpus(load_pydoc_text(), max_chars=max_chars)
-    held_out = {k: lm_windows(getattr(corpus, k), context) for k in ('val', 'test')}
+    corpus = _data.char_corpus(_data.load_pydoc_text(), max_chars=max_chars)
+    held_out = {k: _data.lm_windows(getattr(corpus, k), context) for k in ('val', 'test')}
     if eval_windows is not None:
         held_out = {k: (x[:eval_windows], y[:eval_windows]) for k, (x, y) in held_out.items()}
-    # The training split stays one stream; batches are random windows of it.
     data = {'train': (corpus.train, np.zeros((0,), np.int32)), **held_out}
     vocab = len(corpus.vocab)
+
+    def make_model(rngs: nnx.Rngs) -> nnx.Module:
+        return _models.CharTransformer(vocab, context, dim, 4, layers, rngs=rngs)
+
     return Task(
         'char-lm',
         f'char Transformer ({layers} layers, width {dim}, context {context}, '
         f'vocab {vocab}) on pydoc_data text ({len(corpus.train):,} train chars)',
-        lambda rngs: CharTransformer(vocab, context, dim, 4, layers, rngs=rngs),
+        make_model,
         data,
         batch_size,
         steps,
         eval_every,
         ('loss', target_loss),
-        lion_betas=(0.95, 0.98),
-        adamw_betas=(0.9, 0.98),
-        is_lm=True,
+        context=context,
     )
-
-
-# ---------------------------------------------------------------------------
-# Optimizers.
-# ---------------------------------------------------------------------------
-
-ADAMW = 'optax.adamw'
-OPTAX_LION = 'optax.lion'
-LION = 'lion_optax.lion'
-CAUTIOUS_LION = 'lion_optax.lion(cautious)'
-INT8_LION = 'lion_optax.lion(int8 momentum)'
-# Block-wise int8 momentum (1 byte per parameter plus a float32 scale per block),
-# when this version of lion_optax has it.
-HAS_INT8 = hasattr(lion_optax, 'Int8Momentum')
-OPTIMIZERS = [ADAMW, OPTAX_LION, LION, CAUTIOUS_LION] + ([INT8_LION] if HAS_INT8 else [])
-
-
-@dataclasses.dataclass(frozen=True)
-class OptConfig:
-    """An optimizer name plus its peak learning rate and weight decay."""
-
-    name: str
-    learning_rate: float
-    weight_decay: float
-
-
-def build_optimizer(
-    name: str, task: Task, steps: int, learning_rate: Any, weight_decay: Any
-) -> optax.GradientTransformation:
-    """Builds optimizer ``name`` for ``task`` with the shared schedule and decay mask.
-
-    Every optimizer gets the same schedule shape (linear warmup over 5% of the steps,
-    cosine decay to 10% of the peak, as the Lion paper recommends) and the same mask
-    (no decay on biases and norm scales). ``learning_rate`` (the peak) and
-    ``weight_decay`` may be traced scalars, so one compilation serves a whole grid.
-    """
-    shape = lion_optax.warmup_cosine_schedule(1.0, steps)  # optax's needs a concrete peak
-
-    def lr(count):
-        return learning_rate * shape(count)
-
-    wd = weight_decay
-    if name == ADAMW:
-        b1, b2 = task.adamw_betas
-        return optax.adamw(lr, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
-    b1, b2 = task.lion_betas
-    if name == OPTAX_LION:
-        return optax.lion(lr, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
-    if name in (LION, CAUTIOUS_LION, INT8_LION):
-        return lion_optax.lion(
-            lr,
-            b1=b1,
-            b2=b2,
-            mu_dtype='int8' if name == INT8_LION else None,
-            weight_decay=wd,
-            mask=decay_mask,
-            cautious=name == CAUTIOUS_LION,
-        )
-    raise ValueError(f'Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.')
-
-
-# ---------------------------------------------------------------------------
-# Training.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RunResult:
-    """What one training run measured."""
-
-    eval_every: int
-    steps: list[int]  # evaluation points
-    val_loss: list[float]
-    val_accuracy: list[float]
-    chunk_seconds: list[float]  # wall time of each block of eval_every training steps
-    test_loss: float
-    test_accuracy: float
-    compile_seconds: float
-    opt_state_bytes: int
-    param_bytes: int
-    diverged: bool
-
-    def time_per_step(self) -> float:
-        """Median seconds per training step over the timed blocks."""
-        return float(np.median(self.chunk_seconds) / self.eval_every)
-
-    def reached(self, target: tuple[str, float]) -> tuple[int | None, float | None]:
-        """(steps, training seconds) at the first evaluation that meets ``target``."""
-        metric, threshold = target
-        values = self.val_accuracy if metric == 'accuracy' else self.val_loss
-        for i, v in enumerate(values):
-            if (v >= threshold) if metric == 'accuracy' else (v <= threshold):
-                return self.steps[i], float(sum(self.chunk_seconds[: i + 1]))
-        return None, None
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = (logits.argmax(-1) == labels).mean()
-    return loss, accuracy
-
-
-@functools.cache
-def _graphdef(task: Task) -> Any:
-    return nnx.split(nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0))))[0]
-
-
-def _loss(task: Task, params: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _cross_entropy(nnx.merge(_graphdef(task), params)(x), y)
-
-
-@functools.cache
-def _initializer(task: Task) -> Callable[[jax.Array], Any]:
-    # One compilation for the whole model instead of one per parameter shape.
-    return jax.jit(lambda key: nnx.as_pure(nnx.split(task.make_model(nnx.Rngs(key)))[1]))
-
-
-def init_params(task: Task, seed: int) -> Any:
-    """Pure parameter tree of ``task``'s model freshly initialised from ``seed``."""
-    return _initializer(task)(jax.random.key(seed))
-
-
-@functools.cache
-def _evaluator(task: Task) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """Jitted (loss, accuracy) on a held-out split, shared by all runs of ``task``."""
-
-    def evaluate(params, x, y):
-        # Loss and accuracy per example, 64 examples at a time; every example has the
-        # same number of targets, so the mean of per-example means is the overall mean.
-        def per_example(xy):
-            return _loss(task, params, xy[0][None], xy[1][None])
-
-        losses, accuracies = jax.lax.map(per_example, (x, y), batch_size=64)
-        return losses.mean(), accuracies.mean()
-
-    return jax.jit(evaluate)
-
-
-@functools.cache
-def _gradient(task: Task, batch_size: int) -> Callable[..., tuple[jax.Array, Any]]:
-    """Jitted (loss, gradient) on the batch of step ``step``, shared by all optimizers.
-
-    The batch depends only on (seed key, step), so every optimizer sees the same data.
-    """
-    context = task.data['val'][0].shape[1] if task.is_lm else None
-
-    def sample(key, data):
-        x, y = data
-        if task.is_lm:
-            starts = jax.random.randint(key, (batch_size,), 0, x.shape[0] - context - 1)
-            window = jax.vmap(lambda s: jax.lax.dynamic_slice(x, (s,), (context + 1,)))(starts)
-            return window[:, :-1], window[:, 1:]
-        idx = jax.random.randint(key, (batch_size,), 0, x.shape[0])
-        return x[idx], y[idx]
-
-    def gradient(params, data, key, step):
-        x, y = sample(jax.random.fold_in(key, step), data)
-        (loss, _), grads = jax.value_and_grad(functools.partial(_loss, task), has_aux=True)(
-            params, x, y
-        )
-        return loss, grads
-
-    return jax.jit(gradient)
-
-
-class Trainer:
-    """Training loop for one task, optimizer, step budget and batch size.
-
-    Each step is two jitted calls: the model's gradient (compiled once per task and
-    batch size, shared by every optimizer) and the optimizer update (compiled once per
-    optimizer; the learning rate and weight decay are runtime arguments, so a whole
-    tuning grid shares it). Compiling the model once per task rather than once per
-    optimizer is what keeps the job's start-up short on a 2-core machine.
-    """
-
-    def __init__(
-        self,
-        task: Task,
-        name: str,
-        *,
-        steps: int | None = None,
-        batch_size: int | None = None,
-        eval_every: int | None = None,
-    ):
-        self.task = task
-        self.name = name
-        self.steps = steps or task.steps
-        self.batch_size = batch_size or task.batch_size
-        self.eval_every = min(eval_every or task.eval_every, self.steps)
-        if self.steps % self.eval_every:
-            raise ValueError(
-                f'steps ({self.steps}) must be a multiple of eval_every ({self.eval_every}).'
-            )
-        self._update = jax.jit(self._apply_update)
-
-    def _tx(self, hyperparameters: Any) -> optax.GradientTransformation:
-        return build_optimizer(
-            self.name, self.task, self.steps, hyperparameters[0], hyperparameters[1]
-        )
-
-    def _apply_update(self, grads, opt_state, params, hyperparameters):
-        updates, opt_state = self._tx(hyperparameters).update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    def run(
-        self, config: OptConfig, seed: int, on_chunk: Callable[[int], None] | None = None
-    ) -> RunResult:
-        """Trains from ``seed``; calls ``on_chunk(steps)`` after each block of steps."""
-        if config.name != self.name:
-            raise ValueError(f'This trainer runs {self.name}, got a config for {config.name}.')
-        hyperparameters = jnp.array([config.learning_rate, config.weight_decay], jnp.float32)
-        gradient, evaluate = _gradient(self.task, self.batch_size), _evaluator(self.task)
-        params = init_params(self.task, seed)
-        opt_state = self._tx((config.learning_rate, config.weight_decay)).init(params)
-        # Committed to the device like every jit output, so the first step and the
-        # later ones hit the same compiled executable.
-        params, opt_state, data, key, hyperparameters = jax.device_put(
-            (params, opt_state, self.task.data['train'], jax.random.key(seed), hyperparameters),
-            jax.devices()[0],
-        )
-        t0 = time.perf_counter()
-        # Compile (or fetch from cache) before timing, so timed blocks hold steps only.
-        jax.block_until_ready(
-            self._update(*gradient(params, data, key, 0)[1:], opt_state, params, hyperparameters)
-        )
-        compile_seconds = time.perf_counter() - t0
-        steps, val_loss, val_acc, chunk_seconds = [], [], [], []
-        diverged = False
-        for start in range(0, self.steps, self.eval_every):
-            t = time.perf_counter()
-            for step in range(start, start + self.eval_every):
-                loss, grads = gradient(params, data, key, step)
-                params, opt_state = self._update(grads, opt_state, params, hyperparameters)
-            train_loss = float(loss)  # blocks until the block of steps is done
-            chunk_seconds.append(time.perf_counter() - t)
-            loss, acc = evaluate(params, *self.task.data['val'])
-            steps.append(start + self.eval_every)
-            val_loss.append(float(loss))
-            val_acc.append(float(acc))
-            if on_chunk is not None:
-                on_chunk(self.eval_every)
-            if not (np.isfinite(train_loss) and np.isfinite(val_loss[-1])):
-                diverged = True
-                if on_chunk is not None:
-                    on_chunk(self.steps - start - self.eval_every)
-                break
-        test_loss, test_acc = evaluate(params, *self.task.data['test'])
-        return RunResult(
-            self.eval_every,
-            steps,
-            val_loss,
-            val_acc,
-            chunk_seconds,
-            float(test_loss),
-            float(test_acc),
-            compile_seconds,
-            lion_optax.hlo.tree_bytes(opt_state, per_device=False),
-            lion_optax.hlo.tree_bytes(params, per_device=False),
-            diverged,
-        )

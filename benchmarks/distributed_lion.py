@@ -50,7 +50,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _tasks  # noqa: E402
+import _data  # noqa: E402
+import _models  # noqa: E402
+import _training  # noqa: E402
 
 import lion_optax  # noqa: E402
 
@@ -58,22 +60,16 @@ WORKERS = 8
 METHODS = ('adamw', 'lion (global)', 'distributed lion (vote)', 'distributed lion (average)')
 
 
-def _mlp_init(seed: int, sizes=(64, 128, 128, 10)) -> dict:
-    rng = np.random.default_rng(seed)
-    params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        params[f'w{i}'] = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
-        params[f'b{i}'] = np.zeros((fan_out,), np.float32)
-    return params
+MODEL = functools.partial(_models.MLP, 128, 10)  # 64-128-128-10, LayerNorm, GELU
+GRAPHDEF = _models.graph_definition(MODEL)
 
 
-def _loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    layers = len(params) // 2
-    for i in range(layers):
-        x = x @ params[f'w{i}'] + params[f'b{i}']
-        if i < layers - 1:
-            x = jax.nn.relu(x)
-    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+def _loss_and_accuracy(params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _training.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
+
+
+def _loss(params, x: jax.Array, y: jax.Array) -> jax.Array:
+    return _loss_and_accuracy(params, x, y)[0]
 
 
 ADAMW_LR, ADAMW_WD = 3e-3, 1e-2
@@ -83,7 +79,7 @@ def _optimizer(method: str, steps: int, lion_factor: float = 3.0) -> optax.Gradi
     def cosine(peak):
         return optax.cosine_decay_schedule(peak, steps, alpha=0.1)
 
-    mask = lambda p: {k: k.startswith('w') for k in p}  # noqa: E731  no decay on biases
+    mask = _models.decay_mask  # no decay on biases and norm scales
     if method == 'adamw':
         return optax.adamw(cosine(ADAMW_LR), weight_decay=ADAMW_WD, mask=mask)
     lion_lr, lion_wd = lion_optax.adamw_to_lion(ADAMW_LR, ADAMW_WD, factor=lion_factor)
@@ -128,7 +124,7 @@ def run(
 ) -> dict:
     (x_train, y_train), (x_test, y_test) = data
     mesh = jax.make_mesh((WORKERS,), ('data',))
-    params = jax.device_put(_mlp_init(seed), NamedSharding(mesh, P()))
+    params = jax.device_put(_models.init_params(MODEL, seed), NamedSharding(mesh, P()))
     tx = _optimizer(method, steps, lion_factor)
     if method.startswith('distributed'):
         state, specs = lion_optax.distributed_init(tx, params, mesh)
@@ -149,7 +145,7 @@ def run(
 
     compiled = step.lower(params, state, *batch_at(0)).compile()
     bytes_per_step = lion_optax.hlo.bytes_sent_per_device(compiled)
-    evaluate = jax.jit(_loss)
+    evaluate = jax.jit(_loss_and_accuracy)
     test_steps, test_loss, train_loss = [], [], []
     start = time.perf_counter()
     for t in range(steps):
@@ -157,15 +153,9 @@ def run(
         train_loss.append(float(jnp.mean(loss)))
         if (t + 1) % eval_every == 0 or t == steps - 1:
             test_steps.append(t + 1)
-            test_loss.append(float(evaluate(params, x_test, y_test)))
+            test_loss.append(float(evaluate(params, x_test, y_test)[0]))
     seconds = time.perf_counter() - start
-    logits_params = jax.tree.map(np.asarray, params)
-    hidden = x_test
-    for i in range(len(logits_params) // 2):
-        hidden = hidden @ logits_params[f'w{i}'] + logits_params[f'b{i}']
-        if i < len(logits_params) // 2 - 1:
-            hidden = np.maximum(hidden, 0)
-    accuracy = float(np.mean(hidden.argmax(-1) == y_test))
+    accuracy = float(evaluate(params, x_test, y_test)[1])
     return {
         'method': method,
         'seed': seed,
@@ -253,9 +243,8 @@ def main(argv=None) -> dict:
     lion_factor = args.lion_factor or (1.0 if args.quick else 3.0)
     seeds = args.seeds or (1 if args.quick else 3)
     eval_every = max(steps // 30, 1)
-    splits = _tasks.load_digits_splits()
-    flat = {k: (x.reshape(len(x), -1), y) for k, (x, y) in splits.items()}
-    data = (flat['train'], flat['test'])
+    splits = _data.load_digits_splits()
+    data = (splits['train'], splits['test'])
 
     runs = []
     for seed in range(seeds):  # interleaved: every method once per seed
@@ -308,7 +297,7 @@ def main(argv=None) -> dict:
         'seeds': seeds,
         'adamw': {'learning_rate': ADAMW_LR, 'weight_decay': ADAMW_WD},
         'lion_factor': lion_factor,
-        'num_params': int(sum(v.size for v in _mlp_init(0).values())),
+        'num_params': int(sum(v.size for v in jax.tree.leaves(_models.init_params(MODEL, 0)))),
         'summary': summary,
         'scaling_1e9_params': scaling,
         'runs': runs,
