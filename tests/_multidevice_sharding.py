@@ -306,6 +306,11 @@ def zero() -> dict:
             all(v.sharding.is_fully_replicated for v in params.values())
         )
     out['state_bytes_after_updates'] = lion_optax.hlo.tree_bytes(state)
+    out['compilations'] = update._cache_size()
+    eager_update, eager_state = jax.jit(tx.update), tx.init(params)
+    for g in grads:
+        _, eager_state = eager_update(g, eager_state, params)
+    out['compilations_eager_init'] = eager_update._cache_size()
     expected = _lion_single_device()
     out['max_diff_vs_single_device'] = max(
         float(np.max(np.abs(np.asarray(params[k]) - expected[k]))) for k in params

@@ -282,6 +282,7 @@ def test_zero_shards_the_momentum_and_keeps_params_replicated(eight_devices):
     assert expected < 0.35 * d['replicated_state_bytes']
     assert d['params_replicated'] == [True, True, True]
     assert d['max_diff_vs_single_device'] <= 1e-6
+    assert d['compilations'] == d['compilations_eager_init'] == 1
     # The price: one all-gather of each sharded leaf's float32 update per step.
     assert sorted(c[0] for c in d['collectives']) == ['all-gather'] * 3
     assert sum(c[1] for c in d['collectives']) == divisible

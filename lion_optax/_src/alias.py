@@ -289,8 +289,9 @@ def _with_diagnostics(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        zero = jnp.zeros([], jnp.int32)
-        return LionDiagnosticsState(inner.init(params), zero, zero, zero)
+        # Three arrays, not one thrice: a donated state must not hold a buffer twice.
+        counters = [jnp.zeros([], jnp.int32) for _ in range(3)]
+        return LionDiagnosticsState(inner.init(params), *counters)
 
     def update_fn(updates, state, params=None, **extra_args):
         finite = nonfinite_lib.all_finite(updates)

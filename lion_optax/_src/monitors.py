@@ -182,8 +182,11 @@ def monitor_signs(inner: optax.GradientTransformation) -> optax.GradientTransfor
         previous = jax.tree.map(
             lambda p: sharding.zeros_like_sharded(p, dtype=jnp.int8), params
         )
-        zero = jnp.zeros([], jnp.float32)
-        return SignMonitorState(inner.init(params), previous, zero, zero)
+        # Two arrays, not one twice: a donated state must not hold a buffer twice.
+        state = SignMonitorState(
+            inner.init(params), previous, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
+        )
+        return sharding.place_like_params(state, params)
 
     def update_fn(
         updates: optax.Updates,

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lion_optax._src import sharding
+
 
 def all_finite(tree: Any) -> jax.Array:
     """True (a bool scalar) when every element of every leaf is finite.
@@ -157,9 +159,10 @@ def skip_nonfinite(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> SkipNonfiniteState:
-        return SkipNonfiniteState(
+        state = SkipNonfiniteState(
             inner_state=inner.init(params), skipped_steps=jnp.zeros([], jnp.int32)
         )
+        return sharding.place_like_params(state, params)
 
     def update_fn(
         updates: optax.Updates,

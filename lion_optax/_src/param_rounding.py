@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from lion_optax._src import rounding as rounding_lib
-from lion_optax._src import validation
+from lion_optax._src import sharding, validation
 
 Rounding = Literal['stochastic', 'nearest']
 ROUNDING_MODES = ('stochastic', 'nearest')
@@ -119,8 +119,8 @@ def round_updates_to_params(
     validation.check_seed(seed)
 
     def init_fn(params: optax.Params) -> RoundUpdatesToParamsState:
-        del params
-        return RoundUpdatesToParamsState(rounding_step=jnp.zeros([], jnp.int32))
+        state = RoundUpdatesToParamsState(rounding_step=jnp.zeros([], jnp.int32))
+        return sharding.place_like_params(state, params)
 
     def update_fn(
         updates: optax.Updates,

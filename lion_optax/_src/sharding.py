@@ -33,21 +33,23 @@ def _mesh_axis_types(x: Any) -> tuple[Any, ...]:
     return tuple(mesh.axis_types)
 
 
-def _full_rank(sharding: Any, ndim: int) -> Any:
-    """A NamedSharding's spec padded with None to ``ndim`` entries (as jit returns it).
+def _as_jit_returns(sharding: Any, ndim: int) -> Any:
+    """A NamedSharding's spec written as a jitted step returns it.
 
-    ``P()`` and ``P(None, None)`` shard a matrix alike, but a jitted step's
-    outputs on an Explicit mesh carry the padded form (on an Auto mesh the
-    form given), and ``jit`` compiles again for a spec written differently.
+    ``P('data')``, ``P('data', None)`` and (for a matrix) ``P()`` and
+    ``P(None, None)`` shard alike, but ``jit`` compiles again for a spec
+    written differently. Its outputs carry the spec padded with None to full
+    rank on an Explicit mesh, and without trailing Nones on an Auto mesh.
     """
-    if (
-        not isinstance(sharding, NamedSharding)
-        or AxisType.Explicit not in sharding.mesh.axis_types
-        or len(sharding.spec) >= ndim
-    ):
+    if not isinstance(sharding, NamedSharding):
         return sharding
-    spec = P(*sharding.spec, *([None] * (ndim - len(sharding.spec))))
-    return NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+    spec = list(sharding.spec)
+    if AxisType.Explicit in sharding.mesh.axis_types:
+        spec += [None] * (ndim - len(spec))
+    else:
+        while spec and spec[-1] is None:
+            spec.pop()
+    return NamedSharding(sharding.mesh, P(*spec), memory_kind=sharding.memory_kind)
 
 
 def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
@@ -95,7 +97,7 @@ def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
         # Committed like x: an uncommitted parameter gets uncommitted zeros, so
         # that the state's arrays look like the step's outputs and the jitted
         # step compiles once.
-        return jnp.zeros(x.shape, dtype, device=_full_rank(x.sharding, x.ndim) if x.committed else None)
+        return jnp.zeros(x.shape, dtype, device=_as_jit_returns(x.sharding, x.ndim) if x.committed else None)
     if not isinstance(x, jax.Array):  # NumPy arrays, Python scalars
         return jnp.zeros(jnp.shape(x), dtype)
     axis_types = _mesh_axis_types(x)
@@ -263,6 +265,8 @@ def shard_optimizer_state(
                 'Explicit mesh shard the parameters themselves (FSDP) instead.'
             )
         size = resolved.shape[axis_name]
+        if size == 1:
+            return tree  # nothing to split (and jit returns such arrays unconstrained)
 
         def one(leaf: Any) -> Any:
             spec = _zero_spec(jnp.shape(leaf), axis_name, size) if jnp.ndim(leaf) else None
@@ -271,12 +275,14 @@ def shard_optimizer_state(
             if not isinstance(leaf, jax.core.Tracer):
                 # Eagerly, UNCONSTRAINED means "keep what you have": replicated here.
                 spec = P(*(None if s is P.UNCONSTRAINED else s for s in spec))
+                target = _as_jit_returns(NamedSharding(resolved, spec), jnp.ndim(leaf))
+                return jax.device_put(leaf, target)
             return jax.lax.with_sharding_constraint(leaf, NamedSharding(resolved, spec))
 
         return jax.tree.map(one, tree)
 
     def init_fn(params: optax.Params) -> Any:
-        return constrain(inner.init(params))
+        return place_like_params(constrain(inner.init(params)), params)
 
     def update_fn(
         updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
