@@ -12,7 +12,7 @@ from lion_optax._src import nonfinite as nonfinite_lib
 from lion_optax._src import param_rounding as param_rounding_lib
 from lion_optax._src import sharding, validation
 from lion_optax._src.direction import Rounding, scale_by_lion
-from lion_optax._src.weight_decay import WeightDecayConvention, weight_decay_for_learning_rate
+from lion_optax._src.weight_decay import WeightDecayConvention, decay_and_learning_rate
 
 Nonfinite = Literal['zero', 'skip_step', 'propagate']
 NONFINITE_MODES = ('zero', 'skip_step', 'propagate')
@@ -171,14 +171,13 @@ def lion(
             mu_rounding=mu_rounding,
             seed=seed,
         ),
-        weight_decay_for_learning_rate(
+        *decay_and_learning_rate(
             weight_decay,
             learning_rate,
             convention=weight_decay_convention,
             reference_learning_rate=reference_learning_rate,
             mask=mask,
         ),
-        optax.scale_by_learning_rate(learning_rate),
     )
     checks = validation.runtime_checks(
         {'b1': b1, 'b2': b2},

@@ -21,7 +21,7 @@ from lion_optax._src import validation
 from lion_optax._src.alias import NONFINITE_MODES, Nonfinite
 from lion_optax._src.direction import scale_by_lion
 from lion_optax._src.sign_aggregation import METHODS, Method, aggregate_signs, is_manual, is_varying
-from lion_optax._src.weight_decay import WeightDecayConvention, weight_decay_for_learning_rate
+from lion_optax._src.weight_decay import WeightDecayConvention, decay_and_learning_rate
 
 # ---------------------------------------------------------------------------
 # Skipping a step on every worker when any worker's gradient is not finite.
@@ -191,14 +191,13 @@ def distributed_lion(
             nonfinite='propagate' if nonfinite == 'propagate' else 'zero',
         ),
         aggregate_signs(axis_name, method=method),
-        weight_decay_for_learning_rate(
+        *decay_and_learning_rate(
             weight_decay,
             learning_rate,
             convention=weight_decay_convention,
             reference_learning_rate=reference_learning_rate,
             mask=mask,
         ),
-        optax.scale_by_learning_rate(learning_rate),
     )
     if nonfinite == 'skip_step':
         return _skip_step_on_any_worker(transformation, axis_name)

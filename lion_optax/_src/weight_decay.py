@@ -169,17 +169,19 @@ def add_decoupled_weight_decay(
     return transformation
 
 
-def weight_decay_for_learning_rate(
+def decay_and_learning_rate(
     weight_decay: optax.ScalarOrSchedule,
     learning_rate: optax.ScalarOrSchedule,
     *,
     convention: WeightDecayConvention,
     reference_learning_rate: float | None,
     mask: Any | Callable[[optax.Params], Any] | None,
-) -> optax.GradientTransformation:
-    """:func:`add_decoupled_weight_decay` as the optimizer aliases configure it.
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """The two stages after the direction in the optimizer aliases: decay, then the step.
 
-    For ``'fully_decoupled'`` the reference learning rate defaults to a constant
+    ``(add_decoupled_weight_decay(...), optax.scale_by_learning_rate(lr))``, to
+    be spliced into a flat ``optax.chain`` (so the state is optax.lion's). For
+    ``'fully_decoupled'`` the reference learning rate defaults to a constant
     ``learning_rate``; with a schedule it must be given.
     """
     validation.check_choice('weight_decay_convention', convention, WEIGHT_DECAY_CONVENTIONS)
@@ -191,9 +193,10 @@ def weight_decay_for_learning_rate(
                 "lr_t / lr_ref, usually the schedule's peak). Pass it explicitly."
             )
         reference_learning_rate = learning_rate
-    return add_decoupled_weight_decay(
+    decay = add_decoupled_weight_decay(
         weight_decay,
         convention=convention,
         reference_learning_rate=reference_learning_rate,
         mask=mask,
     )
+    return decay, optax.scale_by_learning_rate(learning_rate)
