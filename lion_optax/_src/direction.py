@@ -227,12 +227,12 @@ def scale_by_lion(
       (Array([1., 0.], dtype=float32), Array([0.003, 0.   ], dtype=float32))
 
     References:
-      Chen et al., `Symbolic Discovery of Optimization Algorithms
-      <https://arxiv.org/abs/2302.06675>`_, 2023.
-      Liang et al., `Cautious Optimizers: Improving Training with One Line of
-      Code <https://arxiv.org/abs/2411.16085>`_, 2024.
-      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
-      <https://arxiv.org/abs/2110.02861>`_, 2022.
+      - Chen et al., `Symbolic Discovery of Optimization Algorithms
+        <https://arxiv.org/abs/2302.06675>`_, 2023.
+      - Liang et al., `Cautious Optimizers: Improving Training with One Line of
+        Code <https://arxiv.org/abs/2411.16085>`_, 2024.
+      - Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+        <https://arxiv.org/abs/2110.02861>`_, 2022.
     """
     validation.check_probability('b1', b1)
     validation.check_probability('b2', b2)
