@@ -235,6 +235,7 @@ def _skip_invalid_hyperparameters(
 
     def update_fn(updates, state, params=None, **extra_args):
         valid, values = validation.runtime_values_valid(checks, state[0].count)
+        assert valid is not None  # lion() wraps its chain only when there are checks
         if raise_too:
             jax.debug.callback(
                 validation.raise_if_invalid,

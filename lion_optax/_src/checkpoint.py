@@ -341,7 +341,7 @@ def _candidate_steps(directory: pathlib.Path) -> list[int]:
 
 def _newest(directory: pathlib.Path) -> tuple[int | None, pathlib.Path | None, Any, list[str]]:
     """The newest complete step, its folder and manifest, and why newer folders were passed over."""
-    passed_over = []
+    passed_over: list[str] = []
     for step in _candidate_steps(directory):
         folder, manifest, problems = _find(directory, step)
         if folder is not None:
@@ -778,6 +778,7 @@ def restore_checkpoint(
             )
     else:
         step = _check_step(step)
+        problems: list[tuple[str, str]] | list[str]  # _find's (status, why), then text
         source, manifest, problems = _find(directory, step)
         if source is None:
             if not problems:
@@ -796,6 +797,7 @@ def restore_checkpoint(
                 f'{why}. Nothing was restored. Restore a complete step with step=N, or '
                 f'step=None for the newest one. {_steps_note(directory)}'
             )
+    assert source is not None  # _newest and _find return a folder with every step
     _verify(source, step, manifest, sorted(manifest['files']))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         spec = checkpointer.restore(source, ocp.args.Composite(**{_SPEC: ocp.args.JsonRestore()}))[

@@ -262,6 +262,7 @@ def constraint_diagnostics(
         overall = measure(global_norm, bool(constrained))
         leaf_fraction = [overall[2] if i in constrained else zero for i in range(len(leaves))]
 
+    fraction: jax.Array | float  # a sum of arrays over an int total, or an array
     if not constrained:
         scaled_norm = distance = fraction = zero
     elif box or kappa_fn.scope == 'leaf':

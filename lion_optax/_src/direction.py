@@ -15,7 +15,8 @@ then the kappa (``sign``) on the tree of interpolations, and the cautious mask.
 """
 
 import functools
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from lion_optax._src import momentum_storage, rounding, sharding, validation
 from lion_optax._src.numerics import compute_dtype
 
 # optax's own state class, so that lion()'s state is optax.lion's.
-ScaleByLionState = optax.ScaleByLionState
+ScaleByLionState: TypeAlias = optax.ScaleByLionState
 
 NonfiniteElements = Literal['zero', 'propagate']
 Rounding = Literal['stochastic', 'nearest']
@@ -47,7 +48,9 @@ class ScaleByLionInt8State(NamedTuple):
         ``mu * mu_scales / 127`` block by block.
     """
 
-    count: jax.Array
+    # `count`, as in optax's states. mypy reports a field that shadows tuple.count as an
+    # incompatible override (python/mypy#3950: rename it or ignore); the name is public.
+    count: jax.Array  # type: ignore[assignment]
     mu: optax.Updates
     mu_scales: optax.Updates
 
@@ -224,12 +227,12 @@ def scale_by_lion(
       (Array([1., 0.], dtype=float32), Array([0.003, 0.   ], dtype=float32))
 
     References:
-      Chen et al., `Symbolic Discovery of Optimization Algorithms
-      <https://arxiv.org/abs/2302.06675>`_, 2023.
-      Liang et al., `Cautious Optimizers: Improving Training with One Line of
-      Code <https://arxiv.org/abs/2411.16085>`_, 2024.
-      Dettmers et al., `8-bit Optimizers via Block-wise Quantization
-      <https://arxiv.org/abs/2110.02861>`_, 2022.
+      - Chen et al., `Symbolic Discovery of Optimization Algorithms
+        <https://arxiv.org/abs/2302.06675>`_, 2023.
+      - Liang et al., `Cautious Optimizers: Improving Training with One Line of
+        Code <https://arxiv.org/abs/2411.16085>`_, 2024.
+      - Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+        <https://arxiv.org/abs/2110.02861>`_, 2022.
     """
     validation.check_probability('b1', b1)
     validation.check_probability('b2', b2)
@@ -273,7 +276,9 @@ def scale_by_lion(
         dtype = compute_dtype(g) if leaf.quantized else compute_dtype(g, stored)
         g = g.astype(dtype)
         if nonfinite == 'zero':
-            guard = functools.partial(zero_gradient_where_nonfinite, g)
+            guard: Callable[[jax.Array, jax.Array], jax.Array] = functools.partial(
+                zero_gradient_where_nonfinite, g
+            )
         else:
             guard = lambda value, value_at_zero_gradient: value  # noqa: E731
         m_old = momentum_storage.decode(leaf, stored, scales, dtype)

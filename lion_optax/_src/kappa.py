@@ -507,7 +507,7 @@ def custom_kappa(
                 '||x||_q <= 1/lambda, or None when unknown.'
             )
         dual_norm = float(q)
-    label = name or getattr(fn, '__name__', 'custom')
+    label: str = name if name else getattr(fn, '__name__', 'custom')
 
     def checked(c: jax.Array) -> jax.Array:
         out = jnp.asarray(fn(c))

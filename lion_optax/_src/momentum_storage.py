@@ -282,5 +282,6 @@ def encode(storage: LeafStorage, value: jax.Array, bits: jax.Array | None) -> tu
     if storage.quantized:
         return quantize_blockwise(value, storage.block_size, bits if storage.random else None)
     if storage.random:
+        assert bits is not None, 'a stochastic, lossy storage needs random bits'
         return rounding.stochastic_round(value.astype(jnp.float32), storage.dtype, bits), None
     return value.astype(storage.dtype), None

@@ -140,7 +140,7 @@ def skip_nonfinite(
 
     Args:
       inner: the transformation to protect.
-      combine_across_workers: see :func:`skip_step_if_nonfinite`.
+      combine_across_workers: see ``skip_step_if_nonfinite``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state

@@ -155,6 +155,7 @@ def lion_reference(
         lr = _value(learning_rate, step)
         wd = _value(weight_decay, step)
         if weight_decay_convention == 'fully_decoupled':
+            assert reference_learning_rate is not None  # required by 'fully_decoupled'
             wd = wd / reference_learning_rate
         c = {k: [b1 * mv + (1 - b1) * gv for mv, gv in zip(m[k], g[k])] for k in m}
         u = kappa_directions(c, kappa, beta=kappa_beta, p=kappa_p, scope=kappa_scope)

@@ -170,7 +170,7 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
       dtype: the target float dtype, narrower than float32; float32 or wider
         returns ``x`` cast to it.
       bits: uint32 array of ``x``'s shape, uniformly random per element, e.g.
-        ``jax.random.bits(key, x.shape, jnp.uint32)`` or :func:`random_bits`.
+        ``jax.random.bits(key, x.shape, jnp.uint32)`` or ``random_bits``.
 
     Returns:
       ``x`` rounded to ``dtype``.

@@ -148,7 +148,7 @@ def place_like_params(state: Any, params: Any) -> Any:
         return state
     sharding = committed[0].sharding
     if isinstance(sharding, NamedSharding):
-        replicated = NamedSharding(sharding.mesh, P())
+        replicated: jax.sharding.Sharding = NamedSharding(sharding.mesh, P())
     else:
         replicated = jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
 

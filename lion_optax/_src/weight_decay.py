@@ -132,7 +132,9 @@ def add_decoupled_weight_decay(
     scheduled = callable(weight_decay)
     no_decay = not scheduled and validation.concrete_float(weight_decay) == 0.0
 
-    def init_fn(params: optax.Params) -> AddDecoupledWeightDecayState | optax.EmptyState:
+    # States are annotated optax.OptState: AddDecoupledWeightDecayState is a class found at
+    # import time (optax does not export it), which a type checker cannot name.
+    def init_fn(params: optax.Params) -> optax.OptState:
         del params
         if scheduled:
             return AddDecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
@@ -140,9 +142,9 @@ def add_decoupled_weight_decay(
 
     def update_fn(
         updates: optax.Updates,
-        state: AddDecoupledWeightDecayState | optax.EmptyState,
+        state: optax.OptState,
         params: optax.Params | None = None,
-    ) -> tuple[optax.Updates, AddDecoupledWeightDecayState | optax.EmptyState]:
+    ) -> tuple[optax.Updates, optax.OptState]:
         if no_decay:  # nothing to add: do not read the parameters at all
             return updates, state
         if params is None:
