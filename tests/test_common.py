@@ -123,7 +123,12 @@ def _dtypes(tree):
     return jax.tree.map(lambda x: jnp.asarray(x).dtype, tree)
 
 
-variants = pytest.mark.parametrize('name', sorted(VARIANTS))
+# `pytest -m "not slow"` (the quick loop) runs every check on these; CI runs all.
+QUICK_LOOP_VARIANTS = ('lion', 'lion_int8_momentum', 'scale_by_lion_alone')
+variants = pytest.mark.parametrize('name', [
+    pytest.param(name, marks=() if name in QUICK_LOOP_VARIANTS else pytest.mark.slow)
+    for name in sorted(VARIANTS)
+])
 
 
 @variants
@@ -132,7 +137,7 @@ def test_trains_inside_an_optax_chain(name):
     tx = optax.chain(optax.clip_by_global_norm(1.0), VARIANTS[name](**HYPERPARAMS))
     state = tx.init(params)
     start = loss(params)
-    for _ in range(30):
+    for _ in range(10):  # eagerly, op by op: each step dispatches every op
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
     assert loss(params) < start
@@ -308,9 +313,17 @@ def test_the_jitted_step_compiles_once(name, init, committed):
 
 @variants
 def test_converges_to_the_known_optimum(name):
-    """sum((x - 0.3)**2) from afar, no decay, a cosine schedule to 0: x ends at 0.3."""
+    """sum((x - 0.3)**2) from afar, no decay, a cosine schedule to 0: x ends at 0.3.
+
+    b2 = 0.99 gives the momentum a memory of ~100 steps, so the iterate circles
+    the optimum for a few hundred steps before the schedule settles it; the
+    smooth kappas (clip, tanh, norms) and cautious masking take the longest.
+    1000 steps settle every variant to ~1e-3 (300 steps leave tanh and the
+    norms 0.25 away), so the tolerance below is 10x that, not a loose bound.
+    """
     params, loss = _problem()
-    schedule = optax.schedules.cosine_decay_schedule(0.05, 300)
+    steps = 1000
+    schedule = optax.schedules.cosine_decay_schedule(0.05, steps)
     tx = VARIANTS[name](learning_rate=schedule, b1=0.9, b2=0.99, weight_decay=0.0)
 
     def step(carry, _):
@@ -318,9 +331,9 @@ def test_converges_to_the_known_optimum(name):
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         return (optax.apply_updates(params, updates), state), None
 
-    (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=300))((params, tx.init(params)))
+    (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=steps))((params, tx.init(params)))
     for leaf in jax.tree.leaves(params):
-        np.testing.assert_allclose(np.asarray(leaf), 0.3, atol=0.02)
+        np.testing.assert_allclose(np.asarray(leaf), 0.3, atol=0.01)
 
 
 @variants
