@@ -469,6 +469,7 @@ def _resume_in_child(directory):
         save_checkpoint(folder, TOTAL_STEPS, _train(variant, state, TOTAL_STEPS - step))
 
 
+@pytest.mark.slow  # a second Python process
 def test_resume_in_new_process_is_bitwise_identical(tmp_path):
     references = {}
     for variant in _variants():

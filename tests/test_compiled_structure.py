@@ -23,6 +23,9 @@ import lion_optax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks'))
 from _model_trees import gpt_tree, vit_tree  # noqa: E402
 
+# Compiles GPT trees of 12 to 48 blocks for every configuration.
+pytestmark = pytest.mark.slow
+
 CONFIGS = {
     'default': {},
     'bf16': dict(mu_dtype=jnp.bfloat16),

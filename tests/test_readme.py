@@ -30,7 +30,7 @@ def _run(index: int, folder: pathlib.Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope='module')
-def results(tmp_path_factory):
+def readme_block_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp('readme')
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
         return list(pool.map(lambda i: _run(i, folder), range(len(BLOCKS))))
@@ -43,8 +43,8 @@ def test_readme_has_python_examples_and_no_untested_python():
 
 
 @pytest.mark.parametrize('index', range(len(BLOCKS)))
-def test_readme_example_runs(results, index):
-    result = results[index]
+def test_readme_example_runs(readme_block_results, index):
+    result = readme_block_results[index]
     assert result.returncode == 0, (
         f'README python block {index} failed:\n{BLOCKS[index][:400]}\n'
         f'stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}'
