@@ -124,7 +124,7 @@ def scale_by_lion(
     nonfinite: NonfiniteElements = 'zero',
     mu_rounding: Rounding = 'stochastic',
     seed: int = 0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""The Lion direction (Chen et al. 2023), without learning rate or decay.
 
     .. math::

@@ -140,7 +140,10 @@ def skip_nonfinite(
 
     Args:
       inner: the transformation to protect.
-      combine_across_workers: see ``skip_step_if_nonfinite``.
+      combine_across_workers: for data-parallel code where each worker sees
+        its own gradient (inside ``shard_map``): maps this worker's bool
+        "all finite" scalar to the decision every worker shares (e.g. a
+        ``pmin`` over the data axis), so that no replica steps alone.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
