@@ -4,8 +4,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import lion_optax
 from lion_optax._src import rounding
 
 
@@ -87,3 +89,21 @@ def test_salted_bits_are_uniform_for_any_salt():
     assert np.mean(np.asarray(a) == np.asarray(b)) < 0.01  # other data, other bits
 
 
+
+
+@pytest.mark.parametrize('mu_dtype', [jnp.bfloat16, 'int8'])
+def test_the_step_word_is_computed_once_not_in_every_leaf(mu_dtype):
+    """XLA copies cheap scalar arithmetic into each consumer's loop; the step
+    word's hash must stay in one computation however many leaves use it."""
+    # Large enough for int8 to quantize them (not kept in float32).
+    params = {f'w{i}': jnp.zeros((64, 128 + 32 * i)) for i in range(5)}
+    tx = lion_optax.lion(1e-3, mu_dtype=mu_dtype)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    text = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+    computations = text.split('\n\n')
+    hash_constant = f'constant({int(np.uint32(0x846CA68B))})'  # the hash's last multiplier
+    assert sum(hash_constant in c for c in computations) == 1

@@ -67,6 +67,13 @@ def _avalanche(x: jax.Array) -> jax.Array:
 def step_word(seed: Any, stream: int, step: Any) -> jax.Array:
     """Hashes a seed, a stream and a step count into one well-mixed uint32 scalar.
 
+    The word is computed once per step and handed to every array's loop: it
+    ends in an integer division by a runtime one, which XLA counts as an
+    expensive instruction and so does not copy into each consumer (it copies
+    cheap scalar arithmetic, and this hash is 15 instructions: with bf16
+    momentum on a 148-leaf GPT tree the optimised step had 10,700 lines
+    instead of 8,500).
+
     Args:
       seed: an int or an integer scalar array (may be traced).
       stream: an int that separates independent uses (:data:`MOMENTUM_STREAM`,
@@ -83,7 +90,9 @@ def step_word(seed: Any, stream: int, step: Any) -> jax.Array:
     """
     h = _avalanche(_u32(seed) ^ np.uint32(0x2545F491))
     h = _avalanche(h + _u32(stream) * _INDEX_MULTIPLIER)
-    return _avalanche(h + _u32(step) * _INDEX_MULTIPLIER)
+    h = _avalanche(h + _u32(step) * _INDEX_MULTIPLIER)
+    odd = _u32(step) | np.uint32(1)  # never 0, and not a constant XLA could fold
+    return h // (odd // odd)  # h // 1: see the docstring
 
 
 def random_bits(word: Any, shape: tuple[int, ...], salt: jax.Array | None = None) -> jax.Array:
