@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,7 +12,26 @@ import ml_dtypes
 import numpy as np
 import optax
 
+import lion_optax
+
 SHAPES = {'w': (4, 3), 'b': (3,), 'scale': (5,)}
+
+
+def child_env(drop: Sequence[str] = (), **overrides: str) -> dict[str, str]:
+    """The environment for a Python child process that must import this
+    process's lion_optax and run JAX on the CPU.
+
+    Args:
+      drop: variables to leave out (e.g. ``XLA_FLAGS``, which a child that
+        simulates devices sets itself).
+      **overrides: variables to set.
+    """
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lion_optax.__file__)))
+    env = {name: value for name, value in os.environ.items() if name not in drop}
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [package_root, env.get('PYTHONPATH')]))
+    env['JAX_PLATFORMS'] = 'cpu'
+    env.update(overrides)
+    return env
 
 
 def random_params(seed: int, dtype: Any = jnp.float32, shapes=SHAPES) -> dict[str, jax.Array]:

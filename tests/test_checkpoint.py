@@ -40,6 +40,8 @@ from lion_optax.checkpoint import (
     save_checkpoint,
 )
 
+from _helpers import child_env
+
 TOTAL_STEPS = 6
 SPLIT_STEP = 3
 
@@ -476,11 +478,9 @@ def test_resume_in_new_process_is_bitwise_identical(tmp_path):
         state = _train(variant, _fresh_state(variant), SPLIT_STEP)
         save_checkpoint(tmp_path / variant, SPLIT_STEP, state)
         references[variant] = _train(variant, state, TOTAL_STEPS - SPLIT_STEP)
-    # The child must import the same lion_optax as this process.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lion_optax.__file__)))
-    pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=pythonpath)
-    subprocess.run([sys.executable, __file__, str(tmp_path)], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], check=True, env=child_env(), timeout=300
+    )
     for variant, reference in references.items():
         resumed, step = restore_checkpoint(tmp_path / variant, _fresh_state(variant))
         assert step == TOTAL_STEPS
@@ -508,12 +508,7 @@ class _SaverServer:
 
     def __init__(self, cache_dir):
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_checkpoint_saver.py')
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(lion_optax.__file__)))
-        pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))
-        env = dict(
-            os.environ,
-            JAX_PLATFORMS='cpu',
-            PYTHONPATH=pythonpath,
+        env = child_env(
             # One BLAS thread: the server then has a single thread when it forks.
             OPENBLAS_NUM_THREADS='1',
             # The first children compile; the others load their executables (~0.15 s each).

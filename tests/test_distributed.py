@@ -10,7 +10,6 @@ joined over loopback with gloo (``... worker``).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 import lion_optax
 from lion_optax._src import sign_aggregation
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import child_env
+
 SCRIPT = Path(__file__).with_name('_multidevice_distributed.py')
 
 
@@ -270,20 +270,12 @@ def test_worker_state_specs_stack_arrays_and_replicate_scalars():
 # --- eight devices in a subprocess -------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
-    env['JAX_PLATFORMS'] = 'cpu'
-    env.pop('XLA_FLAGS', None)
-    return env
-
-
 @pytest.fixture(scope='module')
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp('distributed') / 'checks.json'
     result = subprocess.run(
         [sys.executable, str(SCRIPT), 'checks', str(out)],
-        env=_env(),
+        env=child_env(drop=('XLA_FLAGS',)),
         capture_output=True,
         text=True,
         timeout=240,
@@ -408,7 +400,7 @@ def test_two_processes_over_loopback_equal_one_process(eight_devices, tmp_path):
                         '2',
                         str(port),
                     ],
-                    env=_env(),
+                    env=child_env(drop=('XLA_FLAGS',)),
                     stdout=logs[-1],
                     stderr=subprocess.STDOUT,
                 )

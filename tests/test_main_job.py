@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-import lion_optax
+from _helpers import child_env
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks')
 sys.path.insert(0, BENCHMARKS)
@@ -249,15 +249,7 @@ def test_every_size_plans_equal_tuning_for_every_optimizer():
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('main_job')
-    # The child must import the same lion_optax as this process.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lion_optax.__file__)))
-    pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS='cpu',
-        PYTHONPATH=pythonpath,
-        XLA_FLAGS='--xla_backend_optimization_level=0',
-    )
+    env = child_env(XLA_FLAGS='--xla_backend_optimization_level=0')
     completed = subprocess.run(
         [
             sys.executable,

@@ -10,7 +10,6 @@ a norm, and the ZeRO-style wrapper with float32 and int8 momentum.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from jax.sharding import AxisType
 
 import lion_optax
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import child_env
+
 SCRIPT = Path(__file__).with_name('_multidevice_sharding.py')
 
 
@@ -146,13 +146,9 @@ def test_shard_optimizer_state_needs_a_mesh_with_that_axis():
 def eight_devices(tmp_path_factory):
     folder = tmp_path_factory.mktemp('sharding')
     out = folder / 'checks.json'
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
-    env['JAX_PLATFORMS'] = 'cpu'
-    env.pop('XLA_FLAGS', None)
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), str(folder / 'checkpoints')],
-        env=env,
+        env=child_env(drop=('XLA_FLAGS',)),
         capture_output=True,
         text=True,
         timeout=240,
