@@ -357,6 +357,13 @@ def _complete_steps(directory: str | os.PathLike[str]) -> list[int]:
     return sorted(s for s in steps if _find(directory, s)[0] is not None)
 
 
+def _indented_list(lines: list[str], limit: int = 20) -> str:
+    """The first ``limit`` lines, each on its own indented line, then how many more."""
+    shown = ''.join(f'\n  {line}' for line in lines[:limit])
+    more = f'\n  ... and {len(lines) - limit} more' if len(lines) > limit else ''
+    return shown + more
+
+
 def _steps_note(directory: pathlib.Path) -> str:
     steps = _complete_steps(directory)
     if not steps:
@@ -685,11 +692,9 @@ def _verify(folder: pathlib.Path, step: int, manifest: dict[str, Any], names: li
         if (size, sha) != expected[name]
     ]
     if bad:
-        shown = '\n  '.join(bad[:20])
-        more = f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else ''
         raise CheckpointCorruptError(
             f'The checkpoint for step {step} at {folder} is corrupt ({len(bad)} file(s) '
-            f'differ from its manifest):\n  {shown}{more}\n'
+            f'differ from its manifest):{_indented_list(bad)}\n'
             'Nothing was restored. The files changed after the save completed (a disk '
             'or copy error, or an edit), so their numbers cannot be trusted. Restore '
             f'another step with restore_checkpoint(..., step=N). {_steps_note(folder.parent)}'
@@ -811,11 +816,9 @@ def restore_checkpoint(
         paths, leaves, treedef = _flatten(target)
         problems = _mismatches(spec, paths, leaves)
         if problems:
-            shown = '\n  '.join(problems[:20])
-            more = f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else ''
             raise CheckpointMismatchError(
                 f'The checkpoint at {source} does not match the restore target '
-                f'({len(problems)} difference(s)):\n  {shown}{more}\n'
+                f'({len(problems)} difference(s)):{_indented_list(problems)}\n'
                 'Nothing was restored. Build the target with the same model and '
                 'optimizer configuration that wrote the checkpoint (same optimizer, '
                 'mu_dtype, mask and wrappers), e.g. {"params": params, "opt_state": '
