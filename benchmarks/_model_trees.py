@@ -17,15 +17,20 @@ def _norm(width: int) -> dict:
     return {'scale': jnp.ones(width), 'bias': jnp.zeros(width)}
 
 
+def _transformer_block(width: int, norms: tuple[str, str], mlp: tuple[str, str]) -> dict:
+    """Two norms, attention (qkv, proj) and a 4x MLP, under the model's own names."""
+    return {
+        norms[0]: _norm(width), norms[1]: _norm(width),
+        'attn': {'qkv': _linear(width, 3 * width), 'proj': _linear(width, width)},
+        'mlp': {mlp[0]: _linear(width, 4 * width), mlp[1]: _linear(4 * width, width)},
+    }
+
+
 def gpt_tree(blocks: int, width: int = 64, vocab: int = 512, context: int = 128) -> dict:
     params = {'wte': jnp.zeros((vocab, width)), 'wpe': jnp.zeros((context, width)),
               'ln_f': _norm(width)}
     for i in range(blocks):
-        params[f'h{i}'] = {
-            'ln1': _norm(width), 'ln2': _norm(width),
-            'attn': {'qkv': _linear(width, 3 * width), 'proj': _linear(width, width)},
-            'mlp': {'fc': _linear(width, 4 * width), 'proj': _linear(4 * width, width)},
-        }
+        params[f'h{i}'] = _transformer_block(width, ('ln1', 'ln2'), ('fc', 'proj'))
     return params
 
 
@@ -40,9 +45,5 @@ def vit_tree(blocks: int, width: int = 64, patch: int = 16, channels: int = 3,
         'head': _linear(width, classes),
     }
     for i in range(blocks):
-        params[f'block{i}'] = {
-            'norm1': _norm(width), 'norm2': _norm(width),
-            'attn': {'qkv': _linear(width, 3 * width), 'proj': _linear(width, width)},
-            'mlp': {'fc1': _linear(width, 4 * width), 'fc2': _linear(4 * width, width)},
-        }
+        params[f'block{i}'] = _transformer_block(width, ('norm1', 'norm2'), ('fc1', 'fc2'))
     return params
