@@ -10,7 +10,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # A persistent compilation cache: the suite compiles ~1,300 small programs, and a
 # second run (the quick `pytest -m "not slow"` loop) loads them instead of compiling
-# again (on 2 cores: ~80 s cold, ~40 s warm). It is keyed by the program, jax
+# again (on 2 cores: 80-95 s cold, ~40 s warm). It is keyed by the program, jax
 # version and devices, so stale entries are never used; set it in the environment
 # so that the processes tests start use it too. LION_OPTAX_TEST_JAX_CACHE=0 turns it off.
 if os.environ.get('LION_OPTAX_TEST_JAX_CACHE', '1') != '0':
