@@ -28,3 +28,11 @@ def machine() -> dict[str, Any]:
         'python': platform.python_version(),
         'load_average_at_start': os.getloadavg() if hasattr(os, 'getloadavg') else None,
     }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The report's one-line description of :func:`machine`'s result."""
+    return (
+        f'Machine: {m["device"]}, {m["cpu_model"]}, {m["cpu_count"]} cores; jax {m["jax"]}, '
+        f'optax {m["optax"]}. Load average at start: {m["load_average_at_start"]}.'
+    )

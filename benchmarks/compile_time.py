@@ -37,7 +37,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _machine import machine  # noqa: E402
+from _machine import machine, machine_line  # noqa: E402
 from _model_trees import gpt_tree, vit_tree  # noqa: E402
 
 import lion_optax  # noqa: E402
@@ -122,8 +122,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         '# Compile time of the jitted Lion step',
         '',
-        f'Machine: {m["device"]}, {m["cpu_model"]}, {m["cpu_count"]} cores; jax {m["jax"]}, '
-        f'optax {m["optax"]}. Load average at start: {m["load_average_at_start"]}.',
+        machine_line(m),
         '',
         'CPU seconds to compile update + apply_updates (median over interleaved rounds '
         '[25-75 %]); ratio to optax.lion per round, then the median; optimised HLO lines.',

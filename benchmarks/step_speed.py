@@ -45,7 +45,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _machine import machine  # noqa: E402
+from _machine import machine, machine_line  # noqa: E402
 from _model_trees import gpt_tree  # noqa: E402
 
 import lion_optax  # noqa: E402
@@ -218,10 +218,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         '# Lion step speed and memory',
         '',
-        f'Machine: {report["machine"]["device"]}, {report["machine"]["cpu_model"]}, '
-        f'{report["machine"]["cpu_count"]} cores; jax {report["machine"]["jax"]}, '
-        f'optax {report["machine"]["optax"]}. Load average at start: '
-        f'{report["machine"]["load_average_at_start"]}.',
+        machine_line(report['machine']),
         '',
         'One jitted step + `optax.apply_updates`, params and state donated. '
         "x own roofline = time / (probe time x the method's ideal bytes per parameter / 12): "
