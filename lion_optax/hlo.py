@@ -1,7 +1,10 @@
-"""Reading compiled programs: collectives, bytes sent per device, bytes held.
+"""Reading compiled programs: collectives, memory traffic, bytes per device.
 
-For tests and benchmarks: how much a compiled step communicates and how much
-memory a state takes per device.
+For tests and benchmarks: how much a compiled step communicates
+(:func:`hlo_collectives`, :func:`bytes_sent_per_device`), how many bytes its
+kernels move through main memory and how many kernels it launches
+(:func:`memory_traffic`, on any compiler, ahead of time for TPU and GPU too),
+and how much memory a state takes per device (:func:`tree_bytes`).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -11,5 +14,13 @@ Example:
 """
 
 from lion_optax._src.hlo import Collective, bytes_sent_per_device, hlo_collectives, tree_bytes
+from lion_optax._src.memory_traffic import Traffic, memory_traffic
 
-__all__ = ['Collective', 'bytes_sent_per_device', 'hlo_collectives', 'tree_bytes']
+__all__ = [
+    'Collective',
+    'Traffic',
+    'bytes_sent_per_device',
+    'hlo_collectives',
+    'memory_traffic',
+    'tree_bytes',
+]

@@ -20,7 +20,8 @@ PUBLIC = [
     'tanh_kappa', 'warmup_cosine_schedule', 'worker_state_specs', 'zeros_like_sharded',
 ]
 SUBMODULES = {
-    'lion_optax.hlo': ['Collective', 'bytes_sent_per_device', 'hlo_collectives', 'tree_bytes'],
+    'lion_optax.hlo': ['Collective', 'Traffic', 'bytes_sent_per_device', 'hlo_collectives',
+                       'memory_traffic', 'tree_bytes'],
     'lion_optax.checkpoint': ['CheckpointCorruptError', 'CheckpointMismatchError',
                               'latest_step', 'restore_checkpoint', 'save_checkpoint'],
 }

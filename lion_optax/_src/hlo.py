@@ -69,6 +69,18 @@ class Collective(NamedTuple):
     hlo: str
 
 
+def dtype_bits(name: str) -> int:
+    """Bits per element of an HLO element type (``'f32'``, ``'bf16'``, ``'s8'``, ``'f8e4m3fn'``...)."""
+    return _dtype_bits(name)
+
+
+def compiled_text(hlo: Any) -> str:
+    """The optimised HLO text of a compiled or lowered program (or the text itself)."""
+    if hasattr(hlo, 'compile') and not hasattr(hlo, 'as_text'):
+        hlo = hlo.compile()
+    return hlo if isinstance(hlo, str) else hlo.as_text()
+
+
 def _dtype_bits(name: str) -> int:
     if name in _DTYPE_BITS:
         return _DTYPE_BITS[name]
@@ -124,9 +136,7 @@ def hlo_collectives(hlo: Any) -> list[Collective]:
       >>> hlo_collectives(jax.jit(jnp.sin).lower(jnp.ones(3)).compile())
       []
     """
-    if hasattr(hlo, 'compile') and not hasattr(hlo, 'as_text'):
-        hlo = hlo.compile()
-    text = hlo if isinstance(hlo, str) else hlo.as_text()
+    text = compiled_text(hlo)
     partitions = re.search(r'num_partitions=(\d+)', text)
     replicas = re.search(r'replica_count=(\d+)', text)
     total = (int(partitions.group(1)) if partitions else 1) * (
