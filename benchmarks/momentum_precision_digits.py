@@ -52,7 +52,7 @@ import lion_optax  # noqa: E402
 STORAGES = {
     'fp32': dict(),
     'bf16': dict(mu_dtype=jnp.bfloat16),
-    'bf16 nearest': dict(mu_dtype=jnp.bfloat16, mu_rounding='nearest'),
+    'bf16 nearest': dict(mu_dtype=jnp.bfloat16, rounding=lion_optax.Rounding(momentum='nearest')),
     'int8': dict(mu_dtype='int8'),
     'int8 all': dict(mu_dtype=lion_optax.Int8Momentum(block_size=256, min_quantized_size=0)),
 }

@@ -7,9 +7,12 @@ tests and benchmarks live in :mod:`lion_optax.hlo`; checkpoints (orbax, the
 """
 
 # The optimizer and its pieces: direction -> weight decay -> learning rate.
-from lion_optax._src.alias import LionDiagnosticsState, lion
+from lion_optax._src.alias import lion
 from lion_optax._src.direction import ScaleByLionInt8State, ScaleByLionState, scale_by_lion
-from lion_optax._src.weight_decay import add_decoupled_weight_decay
+from lion_optax._src.guard import LionDiagnosticsState
+from lion_optax._src.options import Cautious, Diagnostics
+from lion_optax._src.rounding import Rounding
+from lion_optax._src.weight_decay import FullyDecoupled, add_decoupled_weight_decay
 
 # Hyperparameters from an AdamW baseline, and the schedule that suits Lion.
 from lion_optax._src.schedules import LionHyperparameters, adamw_to_lion, warmup_cosine_schedule
@@ -51,12 +54,16 @@ from lion_optax import hlo  # noqa: E402  (submodule: HLO traffic accounting)
 __version__ = '0.2.0'
 
 __all__ = [
+    'Cautious',
     'ConstraintDiagnostics',
+    'Diagnostics',
+    'FullyDecoupled',
     'Int8Momentum',
     'Kappa',
     'LionDiagnosticsState',
     'LionHyperparameters',
     'RoundUpdatesToParamsState',
+    'Rounding',
     'ScaleByLionInt8State',
     'ScaleByLionState',
     'SignLayout',

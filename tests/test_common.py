@@ -73,7 +73,8 @@ def _zero_sharded(learning_rate, b1, b2, weight_decay):
 
 def _rounding_last(learning_rate, b1, b2, weight_decay):
     return optax.chain(
-        lion_optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, param_rounding='nearest'),
+        lion_optax.lion(learning_rate, b1, b2, weight_decay=weight_decay,
+                        rounding=lion_optax.Rounding(params='nearest')),
         lion_optax.round_updates_to_params(seed=1),
     )
 
@@ -84,13 +85,14 @@ VARIANTS = {
     'lion_propagate': functools.partial(lion_optax.lion, nonfinite='propagate'),
     'lion_bf16_momentum': functools.partial(lion_optax.lion, mu_dtype=jnp.bfloat16),
     'lion_bf16_momentum_nearest': functools.partial(
-        lion_optax.lion, mu_dtype=jnp.bfloat16, mu_rounding='nearest'
+        lion_optax.lion, mu_dtype=jnp.bfloat16, rounding=lion_optax.Rounding(momentum='nearest')
     ),
     'lion_int8_momentum': functools.partial(
         lion_optax.lion, mu_dtype=lion_optax.Int8Momentum(block_size=2, min_quantized_size=0)
     ),
     'lion_fully_decoupled': functools.partial(
-        lion_optax.lion, weight_decay_convention='fully_decoupled', reference_learning_rate=1e-2
+        lion_optax.lion,
+        weight_decay_convention=lion_optax.FullyDecoupled(reference_learning_rate=1e-2),
     ),
     'lion_masked': functools.partial(lion_optax.lion, mask=lambda p: {'w': True, 'b': False}),
     'lion_cautious': functools.partial(lion_optax.lion, cautious=True),

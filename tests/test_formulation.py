@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import lion_optax
-from lion_optax._src.direction import momentum_first_coefficients
+from lion_optax._src.formulation import momentum_first_coefficients
 
 N, LEAVES = 4096, 3
 

@@ -49,7 +49,9 @@ def test_a_schedule_that_turns_invalid_never_changes_params_or_momentum(which, b
     updates, state = update(GRADS, state, PARAMS)
     params = optax.apply_updates(PARAMS, updates)
     before = (params, optax.tree.get(state, 'mu'))
-    updates, state = update(GRADS, state, params)  # the schedule is invalid at count 1
+    with pytest.warns(RuntimeWarning, match=f'Invalid hyperparameter at step 1: {which}='):
+        updates, state = update(GRADS, state, params)  # the schedule is invalid at count 1
+        jax.block_until_ready((updates, state))
     params = optax.apply_updates(params, updates)
     jax.tree.map(np.testing.assert_array_equal, (params, optax.tree.get(state, 'mu')), before)
     # The counts advance: the next step uses the schedule's valid value again.
@@ -85,7 +87,9 @@ def test_injected_hyperparameters_are_checked_in_the_step(name, value):
     tx = optax.inject_hyperparams(lion_optax.lion)(learning_rate=0.1, weight_decay=0.1)
     state = tx.init(PARAMS)
     state.hyperparams[name] = jnp.asarray(value, jnp.float32)
-    updates, new_state = jax.jit(tx.update)(GRADS, state, PARAMS)
+    with pytest.warns(RuntimeWarning, match=f'Invalid hyperparameter at step 0: .*{name}='):
+        updates, new_state = jax.jit(tx.update)(GRADS, state, PARAMS)
+        jax.block_until_ready((updates, new_state))
     jax.tree.map(np.testing.assert_array_equal, updates, jax.tree.map(jnp.zeros_like, PARAMS))
     jax.tree.map(
         np.testing.assert_array_equal,
@@ -229,13 +233,16 @@ def test_multisteps_with_skip_not_finite_loses_only_the_bad_micro_step():
 
 def test_diagnostics_count_bad_steps_and_a_long_run_of_them_raises():
     schedule = lambda count: jnp.where((count >= 2) & (count < 4), jnp.nan, 0.1)  # noqa: E731
-    tx = lion_optax.lion(schedule, diagnostics=True, max_consecutive_bad_steps=3)
+    tx = lion_optax.lion(
+        schedule, diagnostics=lion_optax.Diagnostics(max_consecutive_bad_steps=3))
     state = tx.init(PARAMS)
     assert isinstance(state, lion_optax.LionDiagnosticsState)
     update = jax.jit(tx.update)
     nan_grads = {'w': GRADS['w'].at[0].set(jnp.nan), 'b': GRADS['b']}
-    for grads in [GRADS, nan_grads, GRADS, GRADS, GRADS]:
-        _, state = update(grads, state, PARAMS)
+    with pytest.warns(RuntimeWarning, match='Invalid hyperparameter at step 2'):
+        for grads in [GRADS, nan_grads, GRADS, GRADS, GRADS]:
+            _, state = update(grads, state, PARAMS)
+        jax.block_until_ready(state)
     assert int(state.nonfinite_gradient_steps) == 1
     assert int(state.invalid_hyperparameter_steps) == 2
     assert int(state.consecutive_bad_steps) == 0
@@ -245,6 +252,7 @@ def test_diagnostics_count_bad_steps_and_a_long_run_of_them_raises():
         jax.block_until_ready(state)
 
 
-def test_max_consecutive_bad_steps_needs_diagnostics():
-    with pytest.raises(ValueError, match='diagnostics=True'):
-        lion_optax.lion(0.1, max_consecutive_bad_steps=3)
+def test_the_deprecated_max_consecutive_bad_steps_still_needs_diagnostics():
+    with pytest.warns(DeprecationWarning, match='Diagnostics'):
+        with pytest.raises(ValueError, match='Diagnostics\\(max_consecutive_bad_steps=3\\)'):
+            lion_optax.lion(0.1, max_consecutive_bad_steps=3)

@@ -44,7 +44,8 @@ def test_low_precision_momentum_keeps_tracking_a_slow_average(mu_dtype):
         functools.partial(_momentum_after, steps=steps, grad=grad, params=params), static_argnums=0
     )
     stochastic = run(lion_optax.scale_by_lion(b2=0.999, mu_dtype=mu_dtype)).mu['w']
-    nearest = run(lion_optax.scale_by_lion(b2=0.999, mu_dtype=mu_dtype, mu_rounding='nearest')).mu['w']
+    nearest = run(lion_optax.scale_by_lion(
+        b2=0.999, mu_dtype=mu_dtype, rounding=lion_optax.Rounding(momentum='nearest'))).mu['w']
     assert stochastic.dtype == nearest.dtype == mu_dtype
     mean = float(np.mean(np.asarray(stochastic, np.float32)))
     assert abs(mean - target) < 0.01, mean
@@ -66,7 +67,8 @@ def test_int8_momentum_tracks_values_much_smaller_than_the_block_max():
     small = np.ones(n, bool)
     small[::block] = False
     for rounding, ok in [('stochastic', True), ('nearest', False)]:
-        state = run(lion_optax.scale_by_lion(mu_dtype='int8', mu_rounding=rounding))
+        state = run(lion_optax.scale_by_lion(
+            mu_dtype='int8', rounding=lion_optax.Rounding(momentum=rounding)))
         assert isinstance(state, lion_optax.ScaleByLionInt8State)
         assert state.mu['w'].dtype == jnp.int8 and state.mu['w'].shape == (n,)
         assert state.mu_scales['w'].shape == (n // block,)
@@ -179,10 +181,10 @@ def test_int8_momentum_trains_and_works_with_inject_hyperparams():
 @pytest.mark.parametrize(
     'kwargs, error',
     [
-        (dict(mu_rounding='up'), ValueError),
-        (dict(param_rounding='floor'), ValueError),
-        (dict(seed='0'), TypeError),
-        (dict(seed=1.5), TypeError),
+        (dict(rounding=lion_optax.Rounding(momentum='up')), ValueError),
+        (dict(rounding=lion_optax.Rounding(params='floor')), ValueError),
+        (dict(rounding=lion_optax.Rounding(seed='0')), TypeError),
+        (dict(rounding=lion_optax.Rounding(seed=1.5)), TypeError),
         (dict(mu_dtype=jnp.int32), TypeError),
         (dict(mu_dtype=jnp.int8), TypeError),
         (dict(mu_dtype=lion_optax.Int8Momentum(block_size=0)), ValueError),

@@ -35,7 +35,8 @@ def test_low_precision_params_move_by_the_learning_rate(dtype):
         lion_optax.lion(lr, weight_decay=0.0), params, grad, steps
     )
     nearest = jax.jit(_mean_after, static_argnums=(0, 3))(
-        lion_optax.lion(lr, weight_decay=0.0, param_rounding='nearest'), params, grad, steps
+        lion_optax.lion(lr, weight_decay=0.0, rounding=lion_optax.Rounding(params='nearest')),
+        params, grad, steps,
     )
     assert stochastic.dtype == nearest.dtype == dtype
     moved = 1.0 - float(jnp.mean(stochastic.astype(jnp.float32)))
@@ -47,9 +48,9 @@ def test_low_precision_params_move_by_the_learning_rate(dtype):
 def test_param_rounding_is_deterministic_given_the_seed():
     params = jnp.ones(512, jnp.bfloat16)
     grad = jnp.linspace(-1.0, 1.0, 512).astype(jnp.bfloat16)
-    a = _mean_after(lion_optax.lion(1e-4, seed=1), params, grad, 20)
-    b = _mean_after(lion_optax.lion(1e-4, seed=1), params, grad, 20)
-    c = _mean_after(lion_optax.lion(1e-4, seed=2), params, grad, 20)
+    a = _mean_after(lion_optax.lion(1e-4, rounding=lion_optax.Rounding(seed=1)), params, grad, 20)
+    b = _mean_after(lion_optax.lion(1e-4, rounding=lion_optax.Rounding(seed=1)), params, grad, 20)
+    c = _mean_after(lion_optax.lion(1e-4, rounding=lion_optax.Rounding(seed=2)), params, grad, 20)
     chex.assert_trees_all_equal(a, b)
     assert bool(jnp.any(a != c))
 

@@ -9,6 +9,7 @@ import optax
 import lion_optax
 
 PUBLIC = [
+    'Cautious', 'Diagnostics', 'FullyDecoupled', 'Rounding',
     'ConstraintDiagnostics', 'Int8Momentum', 'Kappa', 'LionDiagnosticsState',
     'LionHyperparameters', 'RoundUpdatesToParamsState', 'ScaleByLionInt8State',
     'ScaleByLionState', 'SignLayout', 'SignMonitorState', 'SkipNonfiniteState',

@@ -30,7 +30,7 @@ CASES = [
     dict(name='schedules', learning_rate=SCHEDULE, weight_decay=WD_SCHEDULE),
     dict(name='masked', learning_rate=1e-2, weight_decay=0.5, mask=DECAY_MASK),
     dict(name='fully_decoupled', learning_rate=SCHEDULE, weight_decay=0.01,
-         weight_decay_convention='fully_decoupled', reference_learning_rate=1e-2),
+         weight_decay_convention=lion_optax.FullyDecoupled(reference_learning_rate=1e-2)),
 ]
 
 
@@ -42,6 +42,10 @@ def _reference_kwargs(case):
             kwargs[key] = lambda t, s=schedule: float(s(t))
     if 'mask' in kwargs:
         kwargs['decay_mask'] = kwargs.pop('mask')
+    convention = kwargs.get('weight_decay_convention')
+    if isinstance(convention, lion_optax.FullyDecoupled):
+        kwargs['weight_decay_convention'] = 'fully_decoupled'
+        kwargs['reference_learning_rate'] = convention.reference_learning_rate
     return kwargs
 
 

@@ -43,10 +43,11 @@ def test_non_float_mu_dtype_is_refused(dtype):
         (dict(kappa='signum'), "kappa='signum' is not a known kappa"),
         (dict(kappa=3), 'kappa=3 has type int'),
         (dict(weight_decay_convention='adamw'), 'weight_decay_convention=.* not a known option'),
-        (dict(cautious='yes'), 'cautious must be True or False'),
+        (dict(cautious='yes'), 'cautious must be True, False or lion_optax.Cautious'),
         (dict(nonfinite='skip'), "nonfinite='skip' is not a known option"),
-        (dict(mu_rounding='up'), "mu_rounding='up' is not a known option"),
-        (dict(param_rounding=None), 'param_rounding=None is not a known option'),
+        (dict(rounding=lion_optax.Rounding(momentum='up')), "Rounding\\(momentum='up'\\) is not a known"),
+        (dict(rounding=lion_optax.Rounding(params=None)), 'Rounding\\(params=None\\) is not a known'),
+        (dict(rounding='nearest'), 'rounding must be a lion_optax.Rounding'),
     ],
 )
 def test_unknown_options_are_refused(kwargs, message):
@@ -61,7 +62,7 @@ def test_unknown_keyword_is_refused():
 
 def test_fully_decoupled_with_schedule_needs_reference_learning_rate():
     schedule = optax.schedules.constant_schedule(1e-3)
-    with pytest.raises(ValueError, match='needs reference_learning_rate'):
+    with pytest.raises(ValueError, match='needs the reference learning rate'):
         lion_optax.lion(schedule, weight_decay_convention='fully_decoupled')
     with pytest.raises(ValueError, match='reference_learning_rate=0'):
         lion_optax.add_decoupled_weight_decay(

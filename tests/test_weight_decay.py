@@ -32,8 +32,8 @@ def test_fully_decoupled_with_constant_lr_decays_by_wd_alone():
 def test_fully_decoupled_follows_the_schedule_shape():
     schedule = optax.schedules.linear_schedule(1e-3, 0.0, 4)
     tx = lion_optax.lion(
-        schedule, weight_decay=0.1, weight_decay_convention='fully_decoupled',
-        reference_learning_rate=1e-3,
+        schedule, weight_decay=0.1,
+        weight_decay_convention=lion_optax.FullyDecoupled(reference_learning_rate=1e-3),
     )
     params = _run(tx, jnp.ones(1), steps=4)
     expected = np.prod([1 - float(schedule(t)) / 1e-3 * 0.1 for t in range(4)])

@@ -1,23 +1,18 @@
 """``lion``: the Lion optimizer as one chain, a drop-in for ``optax.lion``."""
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
+from lion_optax._src import guard, options, sharding, validation
 from lion_optax._src import kappa as kappa_lib
-from lion_optax._src import nonfinite as nonfinite_lib
 from lion_optax._src import param_rounding as param_rounding_lib
-from lion_optax._src import sharding, validation
-from lion_optax._src.direction import Rounding, scale_by_lion
+from lion_optax._src import rounding as rounding_lib
+from lion_optax._src.direction import scale_by_lion
+from lion_optax._src.options import Cautious, Diagnostics, InvalidHyperparameters, Nonfinite
+from lion_optax._src.rounding import Rounding
 from lion_optax._src.weight_decay import WeightDecayConvention, decay_and_learning_rate
-
-Nonfinite = Literal['zero', 'skip_step', 'propagate']
-NONFINITE_MODES = ('zero', 'skip_step', 'propagate')
-InvalidHyperparameters = Literal['skip_step', 'raise']
-INVALID_HYPERPARAMETER_MODES = ('skip_step', 'raise')
 
 
 def lion(
@@ -28,18 +23,19 @@ def lion(
     weight_decay: optax.ScalarOrSchedule = 1e-3,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     *,
-    kappa: str | kappa_lib.Kappa | Callable[..., Any] = 'sign',
-    cautious: bool = False,
-    cautious_eps: float = 1e-3,
+    kappa: kappa_lib.KappaLike = 'sign',
+    cautious: bool | Cautious = False,
     weight_decay_convention: WeightDecayConvention = 'paper',
-    reference_learning_rate: float | None = None,
     nonfinite: Nonfinite = 'zero',
     invalid_hyperparameters: InvalidHyperparameters = 'skip_step',
-    diagnostics: bool = False,
+    diagnostics: bool | Diagnostics = False,
+    rounding: Rounding = Rounding(),
+    cautious_eps: float | None = None,
+    reference_learning_rate: float | None = None,
     max_consecutive_bad_steps: int | None = None,
-    mu_rounding: Rounding = 'stochastic',
-    param_rounding: Rounding = 'stochastic',
-    seed: int = 0,
+    mu_rounding: rounding_lib.RoundingMode | None = None,
+    param_rounding: rounding_lib.RoundingMode | None = None,
+    seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Lion optimizer (EvoLved Sign Momentum), a drop-in for ``optax.lion``.
 
@@ -58,7 +54,9 @@ def lion(
     still land. A drop-in for ``optax.lion``: with the same arguments the
     state is the same tree (``(ScaleByLionState, EmptyState, EmptyState)``
     for constants) and, for finite float32 gradients, the numbers are the
-    same; an ``optax.lion`` state (a checkpoint) continues here and back.
+    same (bit for bit on TPU and GPU); an ``optax.lion`` state (a checkpoint)
+    continues here and back. On every accelerator compiler the step of a
+    float32 parameter is one kernel moving optax's 20 bytes per parameter.
 
     Non-finite gradients (``nonfinite``), what a NaN or Inf does to a step:
 
@@ -66,7 +64,7 @@ def lion(
       that coordinate's momentum decays by :math:`\beta_2` and it moves by
       :math:`\eta_t(\kappa(\beta_1 m) + \lambda\theta)`; all other
       coordinates step normally. Nothing non-finite reaches the parameters or
-      the momentum. Free: no extra read, no state, no communication.
+      the momentum. Free: no extra memory traffic, no state, no communication.
     - ``'skip_step'``: if any element anywhere is non-finite the whole step
       is skipped (no update, weight decay included; momentum and schedule
       counts unchanged). Reads the gradient once more and, under sharding,
@@ -80,19 +78,21 @@ def lion(
     >= 0) and, for values only known when the step runs (schedules, and
     values set through ``optax.inject_hyperparams``), inside the step: a step
     with an invalid value leaves the parameters and the momentum unchanged,
-    at no cost in memory traffic; the step counts advance, so a schedule that
-    is invalid at one step does not stall the run.
-    ``invalid_hyperparameters='raise'`` also raises ``FloatingPointError``
-    (inside a ``JaxRuntimeError``) naming the value and the step, through
-    ``jax.debug.callback``: a debug mode.
+    at no cost in memory traffic, and the first such step warns
+    (``RuntimeWarning``, from a host callback that a good step never runs);
+    the step counts advance, so a schedule that is invalid at one step does
+    not stall the run. ``invalid_hyperparameters='raise'`` raises
+    ``FloatingPointError`` (inside a ``JaxRuntimeError``) naming the value
+    and the step instead.
 
     Nothing is silent: ``diagnostics=True`` (opt-in, it reads the gradient
-    once more) wraps the state in :class:`LionDiagnosticsState`, which counts
-    the steps with a non-finite gradient element and with an invalid
-    hyperparameter and the current run of such steps;
-    ``max_consecutive_bad_steps=k`` makes a run longer than ``k`` raise
-    ``FloatingPointError`` (through ``jax.debug.callback``), so a run that
-    stalls stops instead.
+    once more) appends counters to the state, which becomes a
+    :class:`LionDiagnosticsState`: ``optax.lion``'s three states
+    (``state[0].mu`` is still the momentum), then the steps with a
+    non-finite gradient element, the steps with an invalid hyperparameter
+    and the current run of such steps.
+    ``diagnostics=Diagnostics(max_consecutive_bad_steps=k)`` makes a run
+    longer than ``k`` raise ``FloatingPointError``, so a run that stalls stops.
 
     Lion's learning rate is 3-10x smaller than AdamW's and its weight decay
     3-10x larger (:func:`adamw_to_lion`); ``b1=0.95, b2=0.98`` is the paper's
@@ -104,36 +104,39 @@ def lion(
       b2: momentum decay rate, in [0, 1].
       mu_dtype: storage of the momentum: a float dtype (``jnp.bfloat16``: 2
         bytes per parameter), ``'int8'`` or :class:`Int8Momentum` (block-wise
-        quantised, about 1 byte), or None to follow the parameters (see :func:`scale_by_lion`).
+        quantised, about 1 byte), or None to follow the parameters (see
+        :func:`scale_by_lion`).
       weight_decay: :math:`\lambda_t`, a float >= 0 or a schedule.
       mask: which leaves get weight decay: a pytree of booleans (or a prefix)
         or a callable returning one from the params.
       kappa: the function replacing ``sign`` (see :func:`scale_by_lion`).
-      cautious: Cautious Lion: keep only coordinates where the direction
-        agrees with the gradient.
-      cautious_eps: the epsilon of the cautious normaliser
-        ``mean(phi) + eps`` (see :func:`scale_by_lion`).
+      cautious: Cautious Lion: True, or :class:`Cautious` to set its epsilon.
       weight_decay_convention: ``'paper'`` (decay times :math:`\eta_t`, as in
-        the paper and optax) or ``'fully_decoupled'`` (decay times
+        the paper and optax), ``'fully_decoupled'`` (decay times
         :math:`\eta_t/\eta_{\mathrm{ref}}`, as lion-pytorch's
-        ``decoupled_weight_decay``); see :func:`add_decoupled_weight_decay`.
-      reference_learning_rate: :math:`\eta_{\mathrm{ref}}` for
-        ``'fully_decoupled'``; defaults to ``learning_rate`` when that is a
-        constant, and is required with a schedule.
+        ``decoupled_weight_decay``, with :math:`\eta_{\mathrm{ref}}` the
+        constant learning rate) or ``FullyDecoupled(reference_learning_rate)``
+        (required with a schedule); see :func:`add_decoupled_weight_decay`.
       nonfinite: ``'zero'``, ``'skip_step'`` or ``'propagate'``: what a NaN or
         Inf gradient does (above).
-      invalid_hyperparameters: ``'skip_step'`` (default) or ``'raise'``: what
-        a step does with an invalid schedule or injected value (above).
-      diagnostics: keep counts of bad steps in the state (above).
-      max_consecutive_bad_steps: with ``diagnostics``, raise after more than
-        this many bad steps in a row (None: never).
-      mu_rounding: ``'stochastic'`` (default) or ``'nearest'``: rounding of a
-        momentum stored in bfloat16, float16 or int8.
-      param_rounding: ``'stochastic'`` (default) or ``'nearest'``: how the new
-        value of a bfloat16/float16 parameter is rounded. With ``'nearest'``
-        (``optax.apply_updates`` alone) a bf16 weight of 1.0 never moves with
-        ``learning_rate=1e-4``. float32 parameters are not affected.
-      seed: an integer seeding both stochastic roundings (reproducible runs).
+      invalid_hyperparameters: ``'skip_step'`` (default: skip, and warn the
+        first time) or ``'raise'``: what a step does with an invalid schedule
+        or injected value (above).
+      diagnostics: False, True or a :class:`Diagnostics`: counts of bad steps
+        appended to the state (above).
+      rounding: a :class:`Rounding`: stochastic (default) or nearest rounding
+        of a momentum stored in bfloat16, float16 or int8 (``momentum``) and
+        of bfloat16/float16 parameters (``params``; with ``'nearest'``, as
+        ``optax.apply_updates`` alone, a bf16 weight of 1.0 never moves with
+        ``learning_rate=1e-4``), and the ``seed`` of both.
+      cautious_eps: deprecated: write ``cautious=Cautious(eps=...)``.
+      reference_learning_rate: deprecated: write
+        ``weight_decay_convention=FullyDecoupled(reference_learning_rate=...)``.
+      max_consecutive_bad_steps: deprecated: write
+        ``diagnostics=Diagnostics(max_consecutive_bad_steps=...)``.
+      mu_rounding: deprecated: write ``rounding=Rounding(momentum=...)``.
+      param_rounding: deprecated: write ``rounding=Rounding(params=...)``.
+      seed: deprecated: write ``rounding=Rounding(seed=...)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -154,22 +157,38 @@ def lion(
       <https://arxiv.org/abs/2302.06675>`_, 2023.
     """
     validation.check_nonnegative('learning_rate', learning_rate)
-    validation.check_choice('nonfinite', nonfinite, NONFINITE_MODES)
+    validation.check_choice('nonfinite', nonfinite, options.NONFINITE_MODES)
     validation.check_choice(
-        'invalid_hyperparameters', invalid_hyperparameters, INVALID_HYPERPARAMETER_MODES
+        'invalid_hyperparameters', invalid_hyperparameters, options.INVALID_HYPERPARAMETER_MODES
     )
-    validation.check_choice('param_rounding', param_rounding, param_rounding_lib.ROUNDING_MODES)
-    transformation = optax.chain(
+    rounding = rounding_lib.with_deprecated(
+        rounding, momentum=mu_rounding, params=param_rounding, seed=seed
+    )
+    cautious_spec = options.resolve_cautious(
+        cautious, options.deprecated('cautious_eps', cautious_eps, 'cautious=Cautious(eps=...)')
+    )
+    diagnostics_spec = options.resolve_diagnostics(
+        diagnostics,
+        options.deprecated(
+            'max_consecutive_bad_steps',
+            max_consecutive_bad_steps,
+            'diagnostics=Diagnostics(max_consecutive_bad_steps=...)',
+        ),
+    )
+    options.deprecated(
+        'reference_learning_rate',
+        reference_learning_rate,
+        'weight_decay_convention=FullyDecoupled(reference_learning_rate=...)',
+    )
+    chain = optax.chain(
         scale_by_lion(
             b1,
             b2,
             mu_dtype,
             kappa=kappa,
-            cautious=cautious,
-            cautious_eps=cautious_eps,
+            cautious=cautious_spec or False,
             nonfinite='propagate' if nonfinite == 'propagate' else 'zero',
-            mu_rounding=mu_rounding,
-            seed=seed,
+            rounding=rounding,
         ),
         *decay_and_learning_rate(
             weight_decay,
@@ -179,134 +198,26 @@ def lion(
             mask=mask,
         ),
     )
+    if rounding.params == 'stochastic':
+        # bf16/fp16 parameters: seeded by the direction's step count, no state added.
+        chain = param_rounding_lib.with_param_rounding(
+            chain, seed=rounding.seed, step_count=lambda state: state[0].count
+        )
     checks = validation.runtime_checks(
         {'b1': b1, 'b2': b2},
         {'learning_rate': learning_rate, 'weight_decay': weight_decay},
     )
-    if checks:
-        transformation = _skip_invalid_hyperparameters(
-            transformation, checks, raise_too=invalid_hyperparameters == 'raise'
+    transformation: optax.GradientTransformationExtraArgs = optax.with_extra_args_support(chain)
+    if checks or nonfinite == 'skip_step' or diagnostics_spec is not None:
+        transformation = guard.guard_step(
+            chain,
+            checks=checks,
+            step_count=lambda state: state[0].count,
+            skip_nonfinite_steps=nonfinite == 'skip_step',
+            invalid_hyperparameters=invalid_hyperparameters,
+            diagnostics=diagnostics_spec,
         )
-    validation.check_bool('diagnostics', diagnostics)
-    if max_consecutive_bad_steps is not None:
-        if not diagnostics:
-            raise ValueError(
-                'max_consecutive_bad_steps counts bad steps in the diagnostics state: pass '
-                'diagnostics=True as well.'
-            )
-        if (
-            isinstance(max_consecutive_bad_steps, bool)
-            or not isinstance(max_consecutive_bad_steps, int)
-            or max_consecutive_bad_steps < 1
-        ):
-            raise ValueError(
-                f'max_consecutive_bad_steps={max_consecutive_bad_steps!r} is invalid: expected '
-                'an int >= 1 (or None).'
-            )
-    if param_rounding == 'stochastic':
-        # bf16/fp16 parameters: seeded by the direction's step count, no state added.
-        transformation = param_rounding_lib.with_param_rounding(
-            transformation, seed=seed, step_count=lambda state: state[0].count
-        )
-    if nonfinite == 'skip_step':
-        transformation = nonfinite_lib.skip_step_if_nonfinite(transformation)
-    if diagnostics:
-        transformation = _with_diagnostics(transformation, checks, max_consecutive_bad_steps)
-    transformation = optax.with_extra_args_support(transformation)
     return optax.GradientTransformationExtraArgs(
         lambda params: sharding.place_like_params(transformation.init(params), params),
         transformation.update,
     )
-
-
-def _skip_invalid_hyperparameters(
-    chain: optax.GradientTransformationExtraArgs,
-    checks: list[validation.RuntimeCheck],
-    *,
-    raise_too: bool,
-) -> optax.GradientTransformationExtraArgs:
-    """lion's chain, skipping any step whose run-time hyperparameters are invalid.
-
-    The direction (``scale_by_lion``, the chain's first stage) keeps its
-    momentum and count itself (``step_is_valid``), inside the loops it runs
-    anyway; the other stages' step counts and the updates are selected here
-    (scalars, and a select fused into the parameters' update).
-    """
-
-    def update_fn(updates, state, params=None, **extra_args):
-        valid, values = validation.runtime_values_valid(checks, state[0].count)
-        assert valid is not None  # lion() wraps its chain only when there are checks
-        if raise_too:
-            jax.debug.callback(
-                validation.raise_if_invalid,
-                valid,
-                state[0].count,
-                tuple(name for name, _ in values),
-                *(value for _, value in values),
-            )
-        new_updates, new_state = chain.update(
-            updates, state, params, step_is_valid=valid, **extra_args
-        )
-        return jax.tree.map(lambda u: jnp.where(valid, u, 0), new_updates), new_state
-
-    return optax.GradientTransformationExtraArgs(chain.init, update_fn)
-
-
-class LionDiagnosticsState(NamedTuple):
-    """State of :func:`lion` with ``diagnostics=True``.
-
-    Attributes:
-      inner_state: the optimizer's state (``optax.lion``'s tree without
-        diagnostics).
-      nonfinite_gradient_steps: steps whose gradient had a NaN or Inf element.
-      invalid_hyperparameter_steps: steps skipped for an invalid run-time
-        hyperparameter (a schedule's or an injected value).
-      consecutive_bad_steps: the current run of such steps (0 after a good one).
-    """
-
-    inner_state: Any
-    nonfinite_gradient_steps: jax.Array
-    invalid_hyperparameter_steps: jax.Array
-    consecutive_bad_steps: jax.Array
-
-
-def _too_many_bad_steps(too_many: Any, run: Any, limit: int) -> None:
-    if bool(too_many):
-        raise FloatingPointError(
-            f'{int(run)} bad steps in a row (non-finite gradients or invalid '
-            f'hyperparameters), more than max_consecutive_bad_steps={limit}: the run is '
-            'not learning. Look at the state\'s nonfinite_gradient_steps and '
-            'invalid_hyperparameter_steps, the loss and the learning-rate schedule.'
-        )
-
-
-def _with_diagnostics(
-    inner: optax.GradientTransformation,
-    checks: list[validation.RuntimeCheck],
-    max_consecutive: int | None,
-) -> optax.GradientTransformationExtraArgs:
-    """Counts bad steps (non-finite gradients, invalid hyperparameters) around lion."""
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        # Three arrays, not one thrice: a donated state must not hold a buffer twice.
-        counters = [jnp.zeros([], jnp.int32) for _ in range(3)]
-        return LionDiagnosticsState(inner.init(params), *counters)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        finite = nonfinite_lib.all_finite(updates)
-        valid, _ = validation.runtime_values_valid(checks, state.inner_state[0].count)
-        valid = jnp.array(True) if valid is None else valid
-        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        bad = ~finite | ~valid
-        run = jnp.where(bad, optax.safe_increment(state.consecutive_bad_steps), 0)
-        if max_consecutive is not None:
-            jax.debug.callback(_too_many_bad_steps, run > max_consecutive, run, max_consecutive)
-        return new_updates, LionDiagnosticsState(
-            inner_state,
-            state.nonfinite_gradient_steps + (~finite).astype(jnp.int32),
-            state.invalid_hyperparameter_steps + (~valid).astype(jnp.int32),
-            run,
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

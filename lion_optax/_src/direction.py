@@ -1,87 +1,63 @@
-"""The Lion direction: ``scale_by_lion`` (no learning rate, no weight decay).
+r"""The Lion direction: ``scale_by_lion`` (no learning rate, no weight decay).
 
-The step of one parameter reads as the maths, one named piece a line:
+One parameter's step is one pure function, :func:`lion_leaf_step`, whose
+stages read as the maths:
 
-1. decode the stored momentum (:mod:`momentum_storage`);
-2. :func:`momentum_update`: :math:`m_t = \\beta_2 m_{t-1} + (1-\\beta_2) g_t`;
-3. encode it back (rounded stochastically into a lossy storage);
-4. :func:`interpolation` :math:`c_t = \\beta_1 m_{t-1} + (1-\\beta_1) g_t`, or
-   :func:`interpolation_from_new_momentum` (the same value, read from the
-   stored :math:`m_t`, which lets XLA update the momentum in place);
+1. :func:`zero_nonfinite`: a NaN or Inf gradient element counts as 0 (the
+   default; ``nonfinite='propagate'`` skips this stage);
+2. decode the stored momentum (:mod:`momentum_storage`);
+3. :func:`interpolation`: :math:`c_t = \beta_1 m_{t-1} + (1-\beta_1) g_t`;
+4. :func:`momentum_update`: :math:`m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t`,
+   or :math:`m_{t-1}` on a step that must not happen (:func:`keep_unless`);
+5. encode :math:`m_t` into its storage (rounded stochastically into a lossy one).
 
-each guarded by :func:`zero_gradient_where_nonfinite` (by default a NaN or Inf
-gradient element counts as 0),
-then the kappa (``sign``) on the tree of interpolations, and the cautious mask.
+Then the kappa (``sign``) maps the tree of interpolations to directions, and
+Cautious Lion masks them. How stage 3 is written for each compiler is
+:mod:`formulation`'s business (XLA:CPU reads :math:`c_t` back from the stored
+:math:`m_t`; the accelerators use the order above); int8 momentum on TPU is a
+Pallas kernel (:mod:`int8_kernel`).
 """
 
 import functools
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lion_optax._src import (
+    formulation,
+    int8_kernel,
+    momentum_storage,
+    options,
+    sharding,
+    validation,
+)
 from lion_optax._src import kappa as kappa_lib
-from lion_optax._src import momentum_storage, rounding, sharding, validation
+from lion_optax._src import rounding as rounding_lib
 from lion_optax._src.numerics import compute_dtype
+from lion_optax._src.options import Cautious, NonfiniteElements
+from lion_optax._src.rounding import Rounding
 
 # optax's own state class, so that lion()'s state is optax.lion's.
 ScaleByLionState: TypeAlias = optax.ScaleByLionState
-
-NonfiniteElements = Literal['zero', 'propagate']
-Rounding = Literal['stochastic', 'nearest']
-NONFINITE_ELEMENTS = ('zero', 'propagate')
-ROUNDING_MODES = ('stochastic', 'nearest')
+ScaleByLionInt8State = momentum_storage.ScaleByLionInt8State
 
 
-class ScaleByLionInt8State(NamedTuple):
-    """State of :func:`scale_by_lion` with int8 momentum (``mu_dtype='int8'``).
+# ---------------------------------------------------------------------------
+# The stages of one parameter's step.
 
-    Attributes:
-      count: number of updates applied so far (int32 scalar).
-      mu: the momentum codes, with the parameters' tree structure and shapes:
-        int8 for quantised parameters, float32 for small ones.
-      mu_scales: with the parameters' tree structure: each quantised
-        parameter's float32 per-block scales (its shape with the last axis
-        divided by the block size), zero-size for the others. The momentum is
-        ``mu * mu_scales / 127`` block by block.
+
+def zero_nonfinite(g: jax.Array) -> jax.Array:
+    """``g`` with its NaN and Inf elements replaced by 0.
+
+    Applied to the gradient before anything reads it, so that for finite
+    gradients the arithmetic after it is exactly ``optax.scale_by_lion``'s,
+    and a bad element's coordinate steps as if its gradient were 0 (its
+    momentum decays by :math:`\\beta_2`). One select, which the compilers fuse
+    into the step (on TPU a select between two results would split it).
     """
-
-    # `count`, as in optax's states. mypy reports a field that shadows tuple.count as an
-    # incompatible override (python/mypy#3950: rename it or ignore); the name is public.
-    count: jax.Array  # type: ignore[assignment]
-    mu: optax.Updates
-    mu_scales: optax.Updates
-
-
-def momentum_first_coefficients(b1: Any, b2: Any) -> tuple[float, float] | None:
-    r"""``(k1, k2)`` with :math:`c_t = k_1 m_t + k_2 g_t`, or None when not applicable.
-
-    :math:`c_t = \beta_1 m_{t-1} + (1-\beta_1) g_t` and
-    :math:`m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t` give
-    :math:`c_t = (\beta_1/\beta_2)\, m_t + ((\beta_2-\beta_1)/\beta_2)\, g_t`.
-    Used only for concrete ``0 < b2`` and ``b1 <= b2`` (the defaults and the
-    paper's settings): then both coefficients are in [0, 1], nothing can
-    overflow that the reference does not, and the rounding error stays at the
-    reference's scale (see :func:`scale_by_lion`, Numerics).
-    """
-    b1, b2 = validation.concrete_float(b1), validation.concrete_float(b2)
-    if b1 is None or b2 is None or not 0.0 < b2 or b1 > b2:
-        return None
-    return b1 / b2, (b2 - b1) / b2
-
-
-def zero_gradient_where_nonfinite(
-    g: jax.Array, value: jax.Array, value_at_zero_gradient: jax.Array
-) -> jax.Array:
-    """``value``, or ``value_at_zero_gradient`` where ``g`` is NaN or Inf.
-
-    The guard selects between results instead of zeroing ``g`` first, so that
-    for finite gradients the arithmetic (and the compiler's fused
-    multiply-adds) is exactly ``optax.scale_by_lion``'s.
-    """
-    return jnp.where(jnp.isfinite(g), value, value_at_zero_gradient)
+    return jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
 
 
 def momentum_update(m: jax.Array, g: jax.Array, b2: Any) -> jax.Array:
@@ -94,23 +70,247 @@ def interpolation(m: jax.Array, g: jax.Array, b1: Any) -> jax.Array:
     return (1.0 - b1) * g + b1 * m
 
 
-def interpolation_from_new_momentum(
-    m_new: jax.Array, g: jax.Array, coefficients: tuple[float, float]
-) -> jax.Array:
-    r""":math:`c_t = k_1 m_t + k_2 g_t` (:func:`momentum_first_coefficients`)."""
-    k1, k2 = coefficients
-    if k1 == 0.0:
-        return g
-    if k2 == 0.0:
-        return k1 * m_new
-    return k2 * g + k1 * m_new
+def keep_unless(step_is_valid: jax.Array | None, new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new``, or ``old`` when the step must not happen (``step_is_valid`` False)."""
+    return new if step_is_valid is None else jnp.where(step_is_valid, new, old)
 
 
-def cautious_mask(u: jax.Array, g: jax.Array, eps: float) -> jax.Array:
-    r""":math:`\phi u / (\mathrm{mean}(\phi) + \epsilon)` with :math:`\phi = 1[u g > 0]`."""
+def _agreement(u: jax.Array, g: jax.Array) -> jax.Array:
     # sign(u) sign(g) is exact where the product u * g could underflow to 0.
-    agree = (jnp.sign(u) * jnp.sign(g).astype(u.dtype) > 0).astype(u.dtype)
-    return agree * u / (jnp.mean(agree) + eps)
+    return (jnp.sign(u) * jnp.sign(g).astype(u.dtype) > 0).astype(u.dtype)
+
+
+def kept_fraction(u: jax.Array, g: jax.Array, nonfinite: str = 'propagate') -> jax.Array:
+    r""":math:`\mathrm{mean}(\phi)`, :math:`\phi = 1[u g > 0]`: the fraction Cautious Lion keeps.
+
+    With ``nonfinite='zero'`` a non-finite gradient element counts as 0 (never kept).
+    """
+    g = jnp.asarray(g).astype(u.dtype)
+    if nonfinite == 'zero':
+        g = zero_nonfinite(g)
+    return jnp.mean(_agreement(u, g))
+
+
+def cautious_mask(
+    u: jax.Array, g: jax.Array, eps: float, mean: jax.Array | None = None
+) -> jax.Array:
+    r""":math:`\phi u / (\mathrm{mean}(\phi) + \epsilon)` with :math:`\phi = 1[u g > 0]`.
+
+    ``mean``: :math:`\mathrm{mean}(\phi)` when already computed (in a pass of
+    its own, see :func:`scale_by_lion`).
+    """
+    agree = _agreement(u, g)
+    if mean is None:
+        mean = jnp.mean(agree)
+    return agree * u / (mean.astype(u.dtype) + eps)
+
+
+class LeafStep(NamedTuple):
+    """What :func:`lion_leaf_step` returns for one parameter.
+
+    Attributes:
+      interpolation: :math:`c_t` in the compute dtype (for the int8 TPU kernel,
+        its sign: see :mod:`int8_kernel`).
+      gradient: :math:`g_t` as the step used it (non-finite elements zeroed).
+      stored: the new stored momentum.
+      scales: the new int8 scales (the unchanged zero-size scales of a float
+        storage).
+    """
+
+    interpolation: jax.Array
+    gradient: jax.Array
+    stored: jax.Array
+    scales: Any
+
+
+def lion_leaf_step(
+    g: jax.Array,
+    stored: jax.Array,
+    scales: Any,
+    word: jax.Array,
+    step_is_valid: jax.Array | None,
+    *,
+    b1: Any,
+    b2: Any,
+    storage: momentum_storage.LeafStorage,
+    nonfinite: NonfiniteElements,
+    read_back: tuple[float, float] | None = None,
+    barrier: bool = True,
+    cpu: bool = False,
+    zero_first: bool = True,
+) -> LeafStep:
+    r"""One parameter's Lion step: interpolation and new stored momentum.
+
+    .. math::
+
+      g_t \leftarrow g_t\,\mathbb{1}[g_t\ \text{finite}], \quad
+      c_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+      m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+    computed in float32 (or wider) whatever the storage, and stored in it.
+
+    Args:
+      g: the parameter's gradient.
+      stored: its stored momentum (float, or int8 codes).
+      scales: int8 scales (zero-size for a float storage; may be None).
+      word: this step's random word (:func:`rounding_lib.step_word`), for
+        stochastic rounding into a lossy storage.
+      step_is_valid: a bool scalar, or None: when False the momentum is kept
+        (the caller zeroes the direction).
+      b1, b2: Lion's rates.
+      storage: how the momentum is stored (:class:`LeafStorage`).
+      nonfinite: ``'zero'`` (non-finite gradient elements count as 0) or
+        ``'propagate'``.
+      read_back: ``(k1, k2)`` to read :math:`c_t` from the stored new
+        momentum (:func:`formulation.momentum_first_coefficients`; XLA:CPU's
+        form, and TPU's for bf16/fp16 parameters); None for optax's order.
+      barrier: with ``read_back``, put an optimisation barrier after the
+        store (XLA:CPU's form; see :mod:`formulation`).
+      cpu: XLA:CPU's form of the int8 block maximum (same values).
+      zero_first: zero the non-finite gradient elements before the arithmetic
+        (the accelerators' form: one select, which fuses on TPU) rather than
+        select between the results (XLA:CPU's form: XLA:CPU contracts
+        multiply-adds into FMAs, and only this form contracts them as it
+        does optax's expression, which keeps the numbers bit for bit
+        optax's). The values are the same up to that contraction.
+
+    Returns:
+      A :class:`LeafStep`.
+    """
+    dtype = compute_dtype(g) if storage.quantized else compute_dtype(g, stored)
+    g = jnp.asarray(g).astype(dtype)
+    finite = None
+    if nonfinite == 'zero':
+        if zero_first:
+            g = zero_nonfinite(g)
+        else:
+            finite = jnp.isfinite(g)
+    m_old = momentum_storage.decode(storage, stored, scales, dtype)
+
+    def guarded(value: jax.Array, value_at_zero_gradient: jax.Array) -> jax.Array:
+        return value if finite is None else jnp.where(finite, value, value_at_zero_gradient)
+
+    m_new = keep_unless(step_is_valid, guarded(momentum_update(m_old, g, b2), b2 * m_old), m_old)
+    bits = rounding_lib.random_bits(word, g.shape, salt=g) if storage.random else None
+    new_stored, new_scales = momentum_storage.encode(storage, m_new, bits, cpu=cpu)
+    if new_scales is None:
+        new_scales = scales  # a float leaf: nothing (or zero-size scales) to update
+    if read_back is None:
+        c = guarded(interpolation(m_old, g, b1), b1 * m_old)
+    else:
+        if barrier:
+            # The barrier keeps XLA:CPU from recomputing the stored momentum from
+            # the old one inside the update's loop (which would read the old
+            # momentum after its in-place update, and so force a copy of it).
+            new_stored, new_scales = jax.lax.optimization_barrier((new_stored, new_scales))
+        m_read = momentum_storage.decode(storage, new_stored, new_scales, dtype)
+        c = guarded(
+            formulation.interpolation_from_new_momentum(m_read, g, read_back), read_back[0] * m_read
+        )
+    if finite is not None:
+        g = jnp.where(finite, g, jnp.zeros_like(g))  # the gradient as counted (cautious reads it)
+    return LeafStep(c, g, new_stored, new_scales)
+
+
+class LeafConfig(NamedTuple):
+    """What is fixed about one parameter's step when the optimizer is built (hashable).
+
+    Attributes:
+      storage: how its momentum is stored.
+      nonfinite: ``'zero'`` or ``'propagate'``.
+      sign: whether the kappa is ``sign``.
+      betas: ``(b1, b2)`` as Python floats, compiled in as constants; None
+        when they are traced (then passed to the step).
+      read_back: XLA:CPU's ``(k1, k2)`` (:func:`formulation.momentum_first_coefficients`),
+        or None for optax's order on every platform.
+    """
+
+    storage: momentum_storage.LeafStorage
+    nonfinite: NonfiniteElements
+    sign: bool
+    betas: tuple[float, float] | None
+    read_back: tuple[float, float] | None
+
+
+def _betas(config: LeafConfig, traced: Any) -> tuple[Any, Any]:
+    return config.betas if config.betas is not None else traced
+
+
+# Each function below is traced once per distinct parameter shape and storage
+# (a model's blocks repeat the same shapes), not once per parameter: that is
+# most of the time spent building the step before the compiler starts.
+@functools.partial(jax.jit, static_argnames=('config',))
+def leaf_step_for_every_platform(
+    g: jax.Array,
+    stored: jax.Array,
+    scales: Any,
+    word: jax.Array,
+    step_is_valid: jax.Array | None,
+    traced_betas: Any,
+    *,
+    config: LeafConfig,
+) -> LeafStep:
+    """:func:`lion_leaf_step` in the form of each platform it may compile for.
+
+    XLA:CPU: ``read_back`` with the barrier, the select between results, the
+    variadic block maximum; TPU: the int8 kernel where it applies, and
+    ``read_back`` without the barrier for bf16/fp16 parameters with a lossy
+    momentum; GPU (and TPU otherwise): optax's order. See :mod:`formulation`.
+    """
+    b1, b2 = _betas(config, traced_betas)
+    storage = config.storage
+    tpu_kernel = int8_kernel.applies(g, storage, sign=config.sign, nonfinite=config.nonfinite)
+    # TPU: for bf16/fp16 parameters with a lossy momentum, XLA fuses the
+    # parameter's step into one kernel only when c is read back from the
+    # stored momentum (without the barrier); see tests/test_formulation.py.
+    tpu_read_back = config.read_back if (
+        config.read_back is not None
+        and storage.lossy
+        and rounding_lib.is_narrower_float(jnp.result_type(g))
+    ) else None
+
+    def form(platform: str) -> LeafStep:
+        if platform == 'tpu' and tpu_kernel:
+            return int8_kernel.int8_leaf_step(
+                g, stored, scales, word, step_is_valid, b1=b1, b2=b2, storage=storage,
+                nonfinite=config.nonfinite,
+            )
+        read_back = {'cpu': config.read_back, 'tpu': tpu_read_back}.get(platform)
+        return lion_leaf_step(
+            g, stored, scales, word, step_is_valid, b1=b1, b2=b2, storage=storage,
+            nonfinite=config.nonfinite, read_back=read_back, barrier=platform == 'cpu',
+            cpu=platform == 'cpu', zero_first=platform != 'cpu',
+        )
+
+    needs_cpu = (
+        config.nonfinite == 'zero' or config.read_back is not None or storage.quantized
+    )
+    needs_tpu = tpu_kernel or tpu_read_back is not None
+    if not needs_cpu and not needs_tpu:
+        return form('accelerator')  # one form everywhere: nothing to choose
+    return formulation.per_platform(
+        cpu=lambda: form('cpu'),
+        accelerator=lambda: form('accelerator'),
+        tpu=(lambda: form('tpu')) if needs_tpu else None,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def interpolation_for_statistics(
+    g: jax.Array, stored: jax.Array, scales: Any, traced_betas: Any, *, config: LeafConfig
+) -> jax.Array:
+    """:math:`c_t` in optax's order, for the reductions computed before the step."""
+    b1, _ = _betas(config, traced_betas)
+    storage = config.storage
+    dtype = compute_dtype(g) if storage.quantized else compute_dtype(g, stored)
+    g = jnp.asarray(g).astype(dtype)
+    if config.nonfinite == 'zero':
+        g = zero_nonfinite(g)
+    return interpolation(momentum_storage.decode(storage, stored, scales, dtype), g, b1)
+
+
+# ---------------------------------------------------------------------------
+# The transformation.
 
 
 def scale_by_lion(
@@ -118,12 +318,13 @@ def scale_by_lion(
     b2: float = 0.99,
     mu_dtype: Any = None,
     *,
-    kappa: str | kappa_lib.Kappa | Any = 'sign',
-    cautious: bool = False,
-    cautious_eps: float = 1e-3,
+    kappa: kappa_lib.KappaLike = 'sign',
+    cautious: bool | Cautious = False,
     nonfinite: NonfiniteElements = 'zero',
-    mu_rounding: Rounding = 'stochastic',
-    seed: int = 0,
+    rounding: Rounding = Rounding(),
+    cautious_eps: float | None = None,
+    mu_rounding: rounding_lib.RoundingMode | None = None,
+    seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Lion direction (Chen et al. 2023), without learning rate or decay.
 
@@ -139,9 +340,10 @@ def scale_by_lion(
     defaults the state is ``optax.ScaleByLionState`` and the numbers are
     ``optax.scale_by_lion``'s.
 
-    With ``cautious=True`` (Cautious Lion, Liang et al. 2024) only the
-    coordinates where the direction agrees with the gradient are kept, and the
-    kept ones are rescaled by the kept fraction of the array:
+    With ``cautious=True`` or ``cautious=Cautious(eps)`` (Cautious Lion,
+    Liang et al. 2024) only the coordinates where the direction agrees with
+    the gradient are kept, and the kept ones are rescaled by the kept fraction
+    of the array:
 
     .. math::
 
@@ -152,9 +354,9 @@ def scale_by_lion(
     gradient element counts as 0: that coordinate's momentum decays
     (:math:`m_t = \beta_2 m_{t-1}`) and its direction is
     :math:`\kappa(\beta_1 m_{t-1})`; every other coordinate steps normally,
-    and nothing non-finite reaches the momentum. It costs nothing measurable
-    (it fuses into the step). ``'propagate'`` lets NaN and Inf through, as
-    ``optax.scale_by_lion`` does.
+    and nothing non-finite reaches the momentum. It fuses into the step (no
+    extra memory traffic on any compiler). ``'propagate'`` lets NaN and Inf
+    through, as ``optax.scale_by_lion`` does.
 
     Low-precision momentum. ``mu_dtype=jnp.bfloat16`` (2 bytes per parameter)
     or ``jnp.float16`` stores the momentum rounded from float32;
@@ -163,31 +365,27 @@ def scale_by_lion(
     (:class:`Int8Momentum`; parameters under 4096 elements stay float32), in
     a :class:`ScaleByLionInt8State`. Both keep the parameter's shape and
     sharding. By default the rounding is stochastic
-    (``mu_rounding='stochastic'``, deterministic given ``seed`` and the step
-    count): the stored momentum is unbiased, so it keeps tracking averages
+    (``rounding=Rounding(momentum='stochastic')``, deterministic given its
+    ``seed`` and the step count): the stored momentum is unbiased, so it keeps tracking averages
     whose per-step change is below the storage's resolution, where
     round-to-nearest stalls (bf16 with ``b2=0.999`` and a constant gradient of
     1 stops at 0.5).
 
     Numerics: the step is computed in float32 (or wider, for float64 inputs)
     whatever the storage dtypes; the momentum is stored in ``mu_dtype`` and the
-    direction is returned in the gradient's dtype. When ``0 < b2`` and
-    ``b1 <= b2`` are Python floats (the defaults and the paper's settings)
-    and either the kappa is ``sign`` or the momentum is stored in a lossy
-    format (bf16, fp16, int8), the interpolation is read from the stored new
+    direction is returned in the gradient's dtype. On TPU and GPU the order
+    of operations is optax's, bit for bit. On XLA:CPU, when ``0 < b2`` and
+    ``b1 <= b2`` are Python floats (the defaults and the paper's settings) and
+    either the kappa is ``sign`` or the momentum is stored in a lossy float
+    format (bf16, fp16), the interpolation is read from the stored new
     momentum :math:`\tilde m_t`,
     :math:`c_t = (\beta_1/\beta_2)\, \tilde m_t + ((\beta_2-\beta_1)/\beta_2)\, g_t`,
-    which lets XLA update the momentum in place and read it once more instead
-    of copying it. In float32 :math:`\tilde m_t = m_t` is bit-identical to the
-    reference and :math:`c_t` differs from the reference's float32 value by
-    at most :math:`9u\,(\beta_1|m_{t-1}| + (1-\beta_1)|g_t|)`,
-    :math:`u = 2^{-24}`, so :math:`\mathrm{sign}(c_t)` can differ only where
-    momentum and gradient cancel to 7 significant digits. In a lossy storage
-    :math:`c_t` also carries :math:`(\beta_1/\beta_2)` times the storage's
-    rounding error of :math:`m_t` (zero on average with stochastic rounding),
-    the same size as the reference's own error from the stored
-    :math:`m_{t-1}`. Otherwise (other kappas in float32, traced betas,
-    ``b1 > b2``) the reference order is used, bit for bit.
+    which lets XLA:CPU update the momentum in place instead of copying it
+    (see :mod:`lion_optax._src.formulation`): the momentum is bit-identical
+    and :math:`c_t` is within :math:`9u\,(\beta_1|m_{t-1}| + (1-\beta_1)|g_t|)`,
+    :math:`u = 2^{-24}`, of the reference (in a lossy storage it also carries
+    :math:`\beta_1/\beta_2` times the storage's rounding error of :math:`m_t`,
+    zero on average with stochastic rounding).
 
     Args:
       b1: interpolation between momentum and gradient for the update, in [0, 1].
@@ -199,14 +397,16 @@ def scale_by_lion(
         ``'tanh'``, ``'l2'``, ``'l2_global'``; optax's ``'hard'``, ``'refined'``,
         ``'smooth'``), a :class:`Kappa` (e.g. ``lp_kappa(1.5)``), or an
         element-wise callable.
-      cautious: keep only coordinates where direction and gradient agree.
-      cautious_eps: the :math:`\epsilon` of the cautious normaliser, > 0; it
-        caps the rescaling at ``1 / cautious_eps``.
+      cautious: False, True or a :class:`Cautious` (its ``eps`` caps the
+        rescaling at ``1 / eps``).
       nonfinite: ``'zero'`` (non-finite gradient elements count as 0) or
         ``'propagate'``.
-      mu_rounding: ``'stochastic'`` or ``'nearest'``: how the momentum is
-        rounded into a storage narrower than float32 (ignored otherwise).
-      seed: an integer seeding the stochastic rounding.
+      rounding: a :class:`Rounding`: its ``momentum`` field (``'stochastic'``
+        or ``'nearest'``) rounds a momentum stored narrower than float32, and
+        its ``seed`` seeds it (its ``params`` field is :func:`lion`'s).
+      cautious_eps: deprecated: write ``cautious=Cautious(eps=...)``.
+      mu_rounding: deprecated: write ``rounding=Rounding(momentum=...)``.
+      seed: deprecated: write ``rounding=Rounding(seed=...)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is
@@ -214,7 +414,8 @@ def scale_by_lion(
       Its ``update`` takes one extra keyword, ``step_is_valid`` (a bool
       scalar): when False the momentum is unchanged and the direction zero
       (the count still advances); :func:`lion` passes it to skip a step whose
-      run-time hyperparameters are invalid, at no cost in memory traffic.
+      hyperparameters are invalid or whose gradient is not finite, at no cost
+      in memory traffic.
 
     Example:
       >>> import jax.numpy as jnp
@@ -239,14 +440,19 @@ def scale_by_lion(
     int8 = momentum_storage.resolve_int8(mu_dtype)
     mu_dtype = int8 if int8 is not None else validation.check_float_dtype('mu_dtype', mu_dtype)
     kappa_fn = kappa_lib.resolve_kappa(kappa)
-    validation.check_bool('cautious', cautious)
-    validation.check_positive('cautious_eps', cautious_eps)
-    validation.check_choice('nonfinite', nonfinite, NONFINITE_ELEMENTS)
-    validation.check_choice('mu_rounding', mu_rounding, ROUNDING_MODES)
-    validation.check_seed(seed)
-    coefficients = momentum_first_coefficients(b1, b2)
+    cautious_spec = options.resolve_cautious(
+        cautious, options.deprecated('cautious_eps', cautious_eps, 'cautious=Cautious(eps=...)')
+    )
+    validation.check_choice('nonfinite', nonfinite, options.NONFINITE_ELEMENTS)
+    rounding = rounding_lib.with_deprecated(rounding, momentum=mu_rounding, seed=seed)
+    coefficients = formulation.momentum_first_coefficients(b1, b2)
     sign = kappa_lib.is_sign(kappa_fn)
-    stochastic = mu_rounding == 'stochastic'
+    stochastic = rounding.momentum == 'stochastic'
+    concrete = validation.concrete_float(b1), validation.concrete_float(b2)
+    # Python-float betas are compiled in as constants (as optax does); traced
+    # ones (optax.inject_hyperparams) are passed to the leaf steps.
+    betas = None if None in concrete else (float(b1), float(b2))
+    two_phases = cautious_spec is not None or kappa_fn.statistics is not None
 
     def storage(param: Any) -> momentum_storage.LeafStorage:
         return momentum_storage.storage_for(
@@ -262,48 +468,23 @@ def scale_by_lion(
         mu = treedef.unflatten([stored for stored, _ in zeros])
         count = jnp.zeros([], jnp.int32)
         if int8 is None:
-            state = ScaleByLionState(count=count, mu=mu)
+            state: Any = ScaleByLionState(count=count, mu=mu)
         else:
             scales = treedef.unflatten([scales for _, scales in zeros])
             state = ScaleByLionInt8State(count=count, mu=mu, mu_scales=scales)
         return sharding.place_like_params(state, params)
 
-    def leaf_step(g, stored, scales, word, step_is_valid):
-        """One parameter's interpolation and new stored momentum."""
+    def leaf_config(stored: Any) -> LeafConfig:
         leaf = momentum_storage.LeafStorage(
             jnp.result_type(stored), int8.block_size if int8 else 0, stochastic
         )
-        dtype = compute_dtype(g) if leaf.quantized else compute_dtype(g, stored)
-        g = g.astype(dtype)
-        if nonfinite == 'zero':
-            guard: Callable[[jax.Array, jax.Array], jax.Array] = functools.partial(
-                zero_gradient_where_nonfinite, g
-            )
-        else:
-            guard = lambda value, value_at_zero_gradient: value  # noqa: E731
-        m_old = momentum_storage.decode(leaf, stored, scales, dtype)
-        m_new = guard(momentum_update(m_old, g, b2), b2 * m_old)
-        if step_is_valid is not None:
-            # Selected before the rounding: a stored value rounds to itself
-            # (exactly for float storage), and the encoding stays the root of
-            # the loop that writes the momentum (so it is not copied).
-            m_new = jnp.where(step_is_valid, m_new, m_old)
-        bits = rounding.random_bits(word, g.shape, salt=g) if leaf.random else None
-        new_stored, new_scales = momentum_storage.encode(leaf, m_new, bits)
-        if new_scales is None:
-            new_scales = scales  # a float leaf: nothing (or zero-size scales) to update
-        if coefficients is not None and not leaf.quantized and (sign or leaf.lossy):
-            # Read the stored new momentum. The barrier keeps XLA from
-            # recomputing it from the old one inside the update's loop (which
-            # would read the old momentum after its in-place update, and so
-            # force a copy of it).
-            new_stored, new_scales = jax.lax.optimization_barrier((new_stored, new_scales))
-            m_read = momentum_storage.decode(leaf, new_stored, new_scales, dtype)
-            c = guard(interpolation_from_new_momentum(m_read, g, coefficients), coefficients[0] * m_read)
-        else:
-            c = guard(interpolation(m_old, g, b1), b1 * m_old)
-        used_g = guard(g, jnp.zeros_like(g)) if cautious else g
-        return c, used_g, new_stored, new_scales
+        # XLA:CPU reads c back from the stored momentum where the reordering is
+        # exact enough (sign: only the sign of c matters; lossy: the storage's
+        # own error is larger) and possible (concrete b1 <= b2, b2 > 0).
+        read_back = coefficients if (
+            coefficients is not None and not leaf.quantized and (sign or leaf.lossy)
+        ) else None
+        return LeafConfig(leaf, nonfinite, sign, betas, read_back)
 
     def update_fn(
         updates: optax.Updates,
@@ -321,29 +502,61 @@ def scale_by_lion(
         grads, treedef = jax.tree.flatten(updates)
         stored = treedef.flatten_up_to(state.mu)
         if int8 is None:
-            scales = [None] * len(grads)
+            scales: list[Any] = [None] * len(grads)
         else:
             scales = treedef.flatten_up_to(state.mu_scales)
-        word = rounding.step_word(seed, rounding.MOMENTUM_STREAM, state.count)
-        steps = [leaf_step(*leaf, word, step_is_valid) for leaf in zip(grads, stored, scales)]
-        interpolations = [c for c, _, _, _ in steps]
-        used_grads = [g for _, g, _, _ in steps]
-        new_mu = [m for _, _, m, _ in steps]
-        new_scales = [s for _, _, _, s in steps]
-        direction = kappa_fn.fn(treedef.unflatten(interpolations))
-        if cautious:
-            direction = jax.tree.map(
-                lambda u, g: cautious_mask(u, g, cautious_eps),
-                direction,
-                treedef.unflatten(used_grads),
+        configs = [leaf_config(m) for m in stored]
+        traced_betas = None if betas is not None else (b1, b2)
+        statistics = means = None
+        if two_phases:
+            # The reductions the direction needs (the norms' statistics,
+            # cautious's kept fraction) get a pass of their own over the
+            # momentum and gradient as stored; the barrier makes the step
+            # recompute c after it, so that the compilers write the momentum
+            # in the step's one pass (else they may write it in the reduction's
+            # pass and copy the old momentum for the step).
+            c_first = [
+                interpolation_for_statistics(g, m, sc, traced_betas, config=config)
+                for g, m, sc, config in zip(grads, stored, scales, configs)
+            ]
+            tree_first = treedef.unflatten(c_first)
+            if kappa_fn.statistics is not None:
+                statistics = kappa_fn.statistics(tree_first)
+            if cautious_spec is not None:
+                signs = tree_first if kappa_fn.preserves_sign else kappa_fn.fn(tree_first)
+                means = [
+                    kept_fraction(u, g, config.nonfinite)
+                    for u, g, config in zip(jax.tree.leaves(signs), grads, configs)
+                ]
+            grads, stored, scales, statistics, means = jax.lax.optimization_barrier(
+                (grads, stored, scales, statistics, means)
             )
-        direction = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), direction, updates)
+        word = rounding_lib.step_word(rounding.seed, rounding_lib.MOMENTUM_STREAM, state.count)
+        steps = [
+            leaf_step_for_every_platform(g, m, sc, word, step_is_valid, traced_betas, config=config)
+            for g, m, sc, config in zip(grads, stored, scales, configs)
+        ]
+        interpolations = treedef.unflatten([s.interpolation for s in steps])
+        if statistics is not None:
+            assert kappa_fn.apply is not None
+            direction = kappa_fn.apply(interpolations, statistics)
+        else:
+            direction = kappa_fn.fn(interpolations)
+        if cautious_spec is not None:
+            kept: list[Any] = list(means) if means is not None else [None] * len(steps)
+            direction = treedef.unflatten([
+                cautious_mask(u, s.gradient, cautious_spec.eps, mean)
+                for u, s, mean in zip(treedef.flatten_up_to(direction), steps, kept)
+            ])
+        direction = jax.tree.map(
+            lambda u, g: keep_unless(step_is_valid, u, jnp.zeros_like(u)).astype(jnp.result_type(g)),
+            direction,
+            updates,
+        )
         count = optax.safe_increment(state.count)
-        if step_is_valid is not None:
-            direction = jax.tree.map(lambda u: jnp.where(step_is_valid, u, 0), direction)
-        mu = treedef.unflatten(new_mu)
+        mu = treedef.unflatten([s.stored for s in steps])
         if int8 is None:
             return direction, ScaleByLionState(count=count, mu=mu)
-        return direction, ScaleByLionInt8State(count, mu, treedef.unflatten(new_scales))
+        return direction, ScaleByLionInt8State(count, mu, treedef.unflatten([s.scales for s in steps]))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from lion_optax._src import guard, validation
 from lion_optax._src import kappa as kappa_lib
-from lion_optax._src import nonfinite as nonfinite_lib
-from lion_optax._src import validation
-from lion_optax._src.alias import NONFINITE_MODES, Nonfinite
 from lion_optax._src.direction import scale_by_lion
+from lion_optax._src.options import NONFINITE_MODES, Nonfinite
 from lion_optax._src.sign_aggregation import METHODS, Method, aggregate_signs, is_manual, is_varying
 from lion_optax._src.weight_decay import WeightDecayConvention, decay_and_learning_rate
 
@@ -42,7 +41,14 @@ def _skip_step_on_any_worker(
             local = jax.lax.pcast(local, axis_name, to='varying')
         return jax.lax.pmin(local, axis_name) > 0
 
-    return nonfinite_lib.skip_step_if_nonfinite(inner, combine_across_workers=agree)
+    # The direction is the chain's second stage (after the local-gradient check).
+    return guard.guard_step(
+        inner,
+        checks=[],
+        step_count=lambda state: state[1].count,
+        skip_nonfinite_steps=True,
+        combine_across_workers=agree,
+    )
 
 
 def _check_local_gradients(axis_name: str) -> optax.GradientTransformation:

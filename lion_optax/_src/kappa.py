@@ -72,6 +72,15 @@ class Kappa(NamedTuple):
         scope: ``'leaf'`` when the feasible set is a product of one ball per
             array, ``'global'`` when it is one ball over the whole tree. (For the
             box both describe the same set.)
+        preserves_sign: True when every direction element has the sign of its
+            ``c`` (odd, monotone kappas: sign, clip, tanh, the norms), so that
+            Cautious Lion's agreement can be counted from ``c``.
+        statistics: for kappas that need a reduction first (the norms): maps
+            the tree of ``c`` to the statistics ``apply`` needs (a pytree of
+            scalars), so the step can compute them in one pass of their own
+            (see :func:`scale_by_lion`); None for element-wise kappas.
+        apply: with ``statistics``: ``apply(c_tree, statistics(c_tree))`` is
+            ``fn(c_tree)``.
     """
 
     name: str
@@ -82,6 +91,9 @@ class Kappa(NamedTuple):
     conjugate: str = 'unknown'
     dual_norm: float | None = None
     scope: str = 'leaf'
+    preserves_sign: bool = False
+    statistics: Callable[[PyTree], Any] | None = None
+    apply: Callable[[PyTree, Any], PyTree] | None = None
 
     def describe(self) -> str:
         """A multi-line text with the name, ``K``, ``K*`` and the solved problem."""
@@ -148,6 +160,7 @@ def sign_kappa() -> Kappa:
         constraint=f'min f(x) s.t. {_BOX}',
         conjugate='K*(y) = 0 if ||y||_inf <= 1 else +inf (indicator of the unit inf-ball)',
         dual_norm=math.inf,
+        preserves_sign=True,
     )
 
 
@@ -198,6 +211,7 @@ def clip_kappa() -> Kappa:
         constraint=f'min f(x) + (lambda/2) ||x||_2^2 s.t. {_BOX}',
         conjugate='K*(y) = ||y||_2^2 / 2 if ||y||_inf <= 1 else +inf',
         dual_norm=math.inf,
+        preserves_sign=True,
     )
 
 
@@ -265,6 +279,7 @@ def tanh_kappa(beta: float = 1.0) -> Kappa:
             'if ||y||_inf <= 1 else +inf'
         ),
         dual_norm=math.inf,
+        preserves_sign=True,
     )
 
 
@@ -304,6 +319,46 @@ def scaled_lp_sum(c: jax.Array, inverse_scale: jax.Array, p: float) -> jax.Array
     """``sum(|c / max|c||^p)``."""
     ratio = jnp.abs(c) * inverse_scale.astype(c.dtype)
     return jnp.sum(ratio * ratio if p == 2.0 else ratio**p)
+
+
+def scaled_power_sum(c: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
+    r"""``(s, q)`` with :math:`s = \max|c|` and :math:`q = \sum_i |c_i / s|^p`, in one pass.
+
+    One variadic reduction (LAPACK's ``nrm2`` scheme): partial results
+    :math:`(s_1, q_1), (s_2, q_2)` combine into :math:`s = \max(s_1, s_2)`,
+    :math:`q = q_1 (s_1/s)^p + q_2 (s_2/s)^p`. Scaling by the running maximum
+    keeps the sum free of underflow and overflow (``c ~ 1e-25`` would square
+    to 0 in float32), and reading ``c`` once lets the compilers compute it in
+    the same pass that reads the momentum and the gradient for it (the
+    maximum first, then the scaled sum, would read them twice).
+    """
+    a = jnp.abs(c)
+    present = (a > 0).astype(a.dtype)
+
+    def combine(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        (s1, q1), (s2, q2) = x, y
+        s = jnp.maximum(s1, s2)
+        safe = jnp.where(s > 0, s, jnp.ones_like(s))
+        r1, r2 = s1 / safe, s2 / safe
+        if p == 2.0:
+            return s, q1 * (r1 * r1) + q2 * (r2 * r2)
+        return s, q1 * r1**p + q2 * r2**p
+
+    zero = jnp.zeros([], a.dtype)
+    return jax.lax.reduce((a, present), (zero, zero), combine, tuple(range(a.ndim)))
+
+
+def combine_scaled_power_sums(
+    parts: list[tuple[jax.Array, jax.Array]], p: float
+) -> tuple[jax.Array, jax.Array]:
+    """The ``(s, q)`` of all leaves together from each leaf's :func:`scaled_power_sum`."""
+    dtype = jnp.result_type(*[s for s, _ in parts])
+    scale = jnp.max(jnp.stack([s.astype(dtype) for s, _ in parts]))
+    safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    total = jnp.zeros([], dtype)
+    for s, q in parts:
+        total = total + q.astype(dtype) * (s.astype(dtype) / safe) ** p
+    return scale, total
 
 
 def _check_scope(scope: str) -> None:
@@ -364,30 +419,34 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
     q_text = 'inf' if q_value == math.inf else f'{q_value:.4g}'
     where = 'for each array' if scope == 'leaf' else 'over the whole tree'
 
+    statistics: Callable[[PyTree], Any] | None = None
+    apply: Callable[[PyTree, Any], PyTree] | None = None
     if p_value == 1.0:
         fn = _SIGN_FN  # grad ||.||_1 = sign, whatever the scope
-    elif scope == 'leaf':
-
-        def leaf_direction(c: jax.Array) -> jax.Array:
-            reciprocal = inverse_scale(max_abs(c), c.dtype)
-            norm = scaled_lp_sum(c, reciprocal, p_value) ** (1.0 / p_value)
-            return _lp_direction(c, reciprocal, norm, p_value)
-
-        fn = _elementwise(leaf_direction)
     else:
 
-        def fn(tree: PyTree) -> PyTree:
+        def statistics(tree: PyTree) -> Any:
+            """Per leaf ``(1 / max|c|, ||c / max|c| ||_p)``, of the leaf or of the whole tree."""
             leaves = jax.tree.leaves(tree)
-            if not leaves:
-                return tree
-            dtype = jnp.result_type(*leaves)
-            scale = jnp.max(jnp.stack([max_abs(c).astype(dtype) for c in leaves]))
-            reciprocal = inverse_scale(scale, dtype)
-            total = sum(scaled_lp_sum(c, reciprocal, p_value).astype(dtype) for c in leaves)
-            # ** (1 / p) is computed once (XLA:CPU copies cheap scalar arithmetic,
-            # here the sum over leaves, into each consumer but not a power).
-            norm = total ** (1.0 / p_value)
-            return jax.tree.map(lambda c: _lp_direction(c, reciprocal, norm, p_value), tree)
+            sums = [scaled_power_sum(c, p_value) for c in leaves]
+            if scope == 'global' and sums:
+                sums = [combine_scaled_power_sums(sums, p_value)] * len(sums)
+            # The reciprocal and the power are computed once per norm (XLA:CPU
+            # copies cheap scalar arithmetic, such as a sum over leaves, into each
+            # consumer, but not a division or a power).
+            return [
+                (inverse_scale(scale, c.dtype), total.astype(c.dtype) ** (1.0 / p_value))
+                for c, (scale, total) in zip(leaves, sums)
+            ]
+
+        def apply(tree: PyTree, stats: Any) -> PyTree:
+            leaves, treedef = jax.tree.flatten(tree)
+            return treedef.unflatten(
+                [_lp_direction(c, reciprocal, norm, p_value) for c, (reciprocal, norm) in zip(leaves, stats)]
+            )
+
+        def fn(tree: PyTree) -> PyTree:
+            return apply(tree, statistics(tree))
 
     return Kappa(
         name=f'lp(p={p_value:g}, scope={scope})',
@@ -401,6 +460,9 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
         ),
         dual_norm=q_value,
         scope='leaf' if p_value == 1.0 else scope,
+        preserves_sign=True,
+        statistics=statistics,
+        apply=apply,
     )
 
 
@@ -533,6 +595,9 @@ def custom_kappa(
     )
 
 
+# What every ``kappa=`` option accepts: a name, a Kappa, or an element-wise callable.
+KappaLike = str | Kappa | Callable[[jax.Array], jax.Array]
+
 _NAMED_KAPPAS: dict[str, Callable[[], Kappa]] = {
     'sign': sign_kappa,
     'hard': sign_kappa,  # optax's name
@@ -546,7 +611,7 @@ _NAMED_KAPPAS: dict[str, Callable[[], Kappa]] = {
 }
 
 
-def resolve_kappa(kappa: str | Kappa | Callable[[jax.Array], jax.Array]) -> Kappa:
+def resolve_kappa(kappa: KappaLike) -> Kappa:
     """Turns the ``kappa`` option of ``scale_by_lion`` into a :class:`Kappa`.
 
     Args:

@@ -18,7 +18,7 @@ so that its state stays ``optax.lion``'s).
 """
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,6 @@ import optax
 
 from lion_optax._src import rounding as rounding_lib
 from lion_optax._src import sharding, validation
-
-Rounding = Literal['stochastic', 'nearest']
-ROUNDING_MODES = ('stochastic', 'nearest')
 
 
 def round_update_to_param(u: Any, p: Any, word: jax.Array) -> Any:
@@ -78,7 +75,7 @@ class RoundUpdatesToParamsState(NamedTuple):
 
 
 def round_updates_to_params(
-    rounding: Rounding = 'stochastic', *, seed: int = 0
+    rounding: rounding_lib.RoundingMode = 'stochastic', *, seed: int | jax.Array = 0
 ) -> optax.GradientTransformation:
     r"""Makes updates to bfloat16/float16 parameters land, by stochastic rounding.
 
@@ -115,8 +112,8 @@ def round_updates_to_params(
       >>> round(float(1.0 - params.astype(jnp.float32).mean()), 3)  # 50 * 1e-4
       0.005
     """
-    validation.check_choice('rounding', rounding, ROUNDING_MODES)
-    validation.check_seed(seed)
+    validation.check_choice('rounding', rounding, rounding_lib.ROUNDING_MODES)
+    seed = rounding_lib.check_seed(seed)
 
     def init_fn(params: optax.Params) -> RoundUpdatesToParamsState:
         state = RoundUpdatesToParamsState(rounding_step=jnp.zeros([], jnp.int32))
@@ -139,7 +136,7 @@ def round_updates_to_params(
 def with_param_rounding(
     inner: optax.GradientTransformation,
     *,
-    seed: int,
+    seed: int | jax.Array,
     step_count: Callable[[Any], jax.Array],
 ) -> optax.GradientTransformationExtraArgs:
     """``inner``, then the rounding of :func:`round_updates_to_params`, with no state added.
@@ -157,7 +154,7 @@ def with_param_rounding(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
     """
-    validation.check_seed(seed)
+    seed = rounding_lib.check_seed(seed)
     inner = optax.with_extra_args_support(inner)
 
     def update_fn(

@@ -36,12 +36,15 @@ of 0.7 s), which is why nothing here depends on the array's position in the
 tree; and few operations per element keep XLA's passes short.
 """
 
-from typing import Any
+import typing
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from lion_optax._src.options import deprecated
 
 # Distinct streams, so that the momentum's and the parameters' rounding bits
 # never coincide for the same seed and step.
@@ -50,8 +53,98 @@ PARAM_STREAM = 0x70617231  # 'par1'
 
 _INDEX_MULTIPLIER = np.uint32(0x9E3779B9)  # 2**32 / golden ratio, odd
 
+RoundingMode = Literal['stochastic', 'nearest']
+ROUNDING_MODES: tuple[str, ...] = typing.get_args(RoundingMode)
+
+
+def check_seed(seed: Any, name: str = 'seed') -> int | jax.Array:
+    """``seed`` as a seed: an integer, folded into 32 bits; a traced integer scalar is kept.
+
+    A seed only picks the stream of random bits, so any integer is fine: one
+    beyond 32 bits (``2**40``) is folded into 32 (``seed mod 2**32``) here, when
+    the optimizer is built, instead of overflowing at the first step.
+
+    Raises:
+      TypeError: for anything that is not an integer (a float, a string, a bool).
+    """
+    if isinstance(seed, jax.Array) and not isinstance(seed, jax.core.Tracer) and seed.ndim == 0:
+        if jnp.issubdtype(seed.dtype, jnp.integer):
+            return int(seed) % 2**32
+    elif isinstance(seed, jax.core.Tracer):
+        if jnp.issubdtype(seed.dtype, jnp.integer) and seed.ndim == 0:
+            return seed
+    elif isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        return int(seed) % 2**32
+    raise TypeError(
+        f'{name} must be an integer (it seeds stochastic rounding), got {seed!r}. '
+        f'Pass e.g. {name}=0; the same seed gives the same rounding.'
+    )
+
+
+class Rounding(NamedTuple):
+    """How :func:`lion` rounds into storage narrower than float32: one value, three choices.
+
+    Rounding to nearest silently drops every change below half an ulp (a bf16
+    momentum with ``b2=0.999`` stalls; a bf16 weight of 1.0 never moves with
+    ``learning_rate=1e-4``); stochastic rounding lands such changes on average.
+
+    Attributes:
+      momentum: ``'stochastic'`` (default) or ``'nearest'``: a momentum stored
+        in bfloat16, float16 or int8.
+      params: ``'stochastic'`` (default) or ``'nearest'``: the new value of a
+        bfloat16/float16 parameter (float32 parameters are not affected).
+      seed: an integer seeding both stochastic roundings (the same seed and
+        step give the same bits); folded into 32 bits.
+
+    Example:
+      >>> import jax.numpy as jnp, lion_optax
+      >>> tx = lion_optax.lion(1e-4, mu_dtype=jnp.bfloat16,
+      ...                      rounding=lion_optax.Rounding(momentum='nearest', seed=7))
+    """
+
+    momentum: RoundingMode = 'stochastic'
+    params: RoundingMode = 'stochastic'
+    seed: int | jax.Array = 0
+
+    def checked(self) -> 'Rounding':
+        """This value with its fields checked (and the seed folded into 32 bits)."""
+        for field in ('momentum', 'params'):
+            value = getattr(self, field)
+            if value not in ROUNDING_MODES:
+                raise ValueError(
+                    f'Rounding({field}={value!r}) is not a known rounding. Expected one of '
+                    f'{", ".join(repr(m) for m in ROUNDING_MODES)}.'
+                )
+        return self._replace(seed=check_seed(self.seed, 'Rounding(seed=...)'))
+
+
+def with_deprecated(
+    rounding: Any, *, momentum: Any = None, params: Any = None, seed: Any = None
+) -> Rounding:
+    """``rounding`` (a :class:`Rounding`) checked, with the deprecated keywords folded in.
+
+    ``momentum``, ``params`` and ``seed`` are the deprecated ``mu_rounding``,
+    ``param_rounding`` and ``seed`` keywords of :func:`lion` and
+    :func:`scale_by_lion`: each given one warns and overrides its field.
+    """
+    if not isinstance(rounding, Rounding):
+        raise TypeError(
+            f'rounding must be a lion_optax.Rounding(momentum=..., params=..., seed=...), got '
+            f'{rounding!r}.'
+        )
+    for name, field, value in (
+        ('mu_rounding', 'momentum', momentum),
+        ('param_rounding', 'params', params),
+        ('seed', 'seed', seed),
+    ):
+        if deprecated(name, value, f'rounding=Rounding({field}={value!r})', stacklevel=4) is not None:
+            rounding = rounding._replace(**{field: value})
+    return rounding.checked()
+
 
 def _u32(x: Any) -> jax.Array:
+    if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
+        return jnp.asarray(np.uint32(int(x) % 2**32))  # any Python int, folded into 32 bits
     return jnp.asarray(x).astype(jnp.uint32)
 
 

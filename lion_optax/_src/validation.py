@@ -145,15 +145,6 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f'{name} must be True or False, got {value!r}.')
 
 
-def check_seed(seed: Any) -> None:
-    """Refuses a ``seed`` that is not an integer (a traced integer scalar is fine)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, jax.Array)):
-        raise TypeError(
-            f'seed must be an integer (it seeds stochastic rounding), got {seed!r}. '
-            'Pass e.g. seed=0; the same seed gives the same rounding.'
-        )
-
-
 def check_float_params(params: Any, *, who: str) -> None:
     """Refuses integer, boolean and complex leaves at ``init`` time.
 

@@ -1,7 +1,8 @@
 """Decoupled weight decay, in the two conventions Lion users meet."""
 
+import typing
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,56 @@ import optax
 from lion_optax._src import validation
 from lion_optax._src.numerics import compute_dtype
 
-WeightDecayConvention = Literal['paper', 'fully_decoupled']
-WEIGHT_DECAY_CONVENTIONS = ('paper', 'fully_decoupled')
+WeightDecayConventionName = Literal['paper', 'fully_decoupled']
+WEIGHT_DECAY_CONVENTIONS: tuple[str, ...] = typing.get_args(WeightDecayConventionName)
+
+
+class FullyDecoupled(NamedTuple):
+    r"""The ``'fully_decoupled'`` weight decay, with its reference learning rate.
+
+    The decay follows only the *shape* of the learning-rate schedule,
+    :math:`\theta \leftarrow \theta (1 - (\eta_t/\eta_{\mathrm{ref}})\lambda)
+    - \eta_t u_t` (lion-pytorch's ``decoupled_weight_decay``, llm-foundry,
+    Loshchilov & Hutter's AdamW). ``'fully_decoupled'`` is ``FullyDecoupled()``.
+
+    Attributes:
+      reference_learning_rate: :math:`\eta_{\mathrm{ref}}` (usually the
+        schedule's peak), > 0; None takes a constant learning rate (and is
+        refused with a schedule).
+
+    Example:
+      >>> import optax, lion_optax
+      >>> schedule = optax.cosine_decay_schedule(1e-4, 1000)
+      >>> tx = lion_optax.lion(schedule, weight_decay=0.1, weight_decay_convention=
+      ...     lion_optax.FullyDecoupled(reference_learning_rate=1e-4))
+    """
+
+    reference_learning_rate: float | None = None
+
+
+# What every weight_decay_convention= option accepts.
+WeightDecayConvention = WeightDecayConventionName | FullyDecoupled
+
+
+def resolve_convention(
+    convention: Any, reference_learning_rate: float | None = None
+) -> tuple[str, float | None]:
+    """``(name, reference learning rate)`` of a convention given as a name or :class:`FullyDecoupled`.
+
+    ``reference_learning_rate`` is the separate (deprecated in :func:`lion`)
+    keyword; it may only go with ``'fully_decoupled'``.
+    """
+    if isinstance(convention, FullyDecoupled):
+        if reference_learning_rate is not None:
+            raise ValueError(
+                'reference_learning_rate and FullyDecoupled(...) both set the reference: '
+                f'pass only FullyDecoupled(reference_learning_rate={reference_learning_rate!r}).'
+            )
+        return 'fully_decoupled', convention.reference_learning_rate
+    validation.check_choice(
+        'weight_decay_convention', convention, (*WEIGHT_DECAY_CONVENTIONS, 'FullyDecoupled(...)')
+    )
+    return convention, reference_learning_rate
 
 
 # The state of a weight-decay schedule, ``AddDecoupledWeightDecayState(count)``:
@@ -26,7 +75,7 @@ AddDecoupledWeightDecayState = type(
 
 def check_convention(convention: str, reference_learning_rate: float | None) -> None:
     """Refuses an unknown convention, or a reference learning rate that does not fit it."""
-    validation.check_choice('convention', convention, WEIGHT_DECAY_CONVENTIONS)
+    validation.check_choice('weight_decay_convention', convention, WEIGHT_DECAY_CONVENTIONS)
     if convention == 'fully_decoupled':
         if reference_learning_rate is None:
             raise ValueError(
@@ -91,7 +140,8 @@ def add_decoupled_weight_decay(
 
     Args:
       weight_decay: :math:`\lambda`, a float >= 0 or a schedule of the step.
-      convention: ``'paper'`` or ``'fully_decoupled'``.
+      convention: ``'paper'``, ``'fully_decoupled'`` or
+        ``FullyDecoupled(reference_learning_rate)``.
       reference_learning_rate: :math:`\eta_{\mathrm{ref}}` (usually the peak
         learning rate), required for ``'fully_decoupled'``; must be > 0.
       mask: a pytree of booleans with the params' structure (or a prefix), or
@@ -112,7 +162,8 @@ def add_decoupled_weight_decay(
       Array([1.2], dtype=float32)
     """
     validation.check_nonnegative('weight_decay', weight_decay)
-    check_convention(convention, reference_learning_rate)
+    name, reference_learning_rate = resolve_convention(convention, reference_learning_rate)
+    check_convention(name, reference_learning_rate)
     if mask is not None and not callable(mask):
         if not jax.tree.leaves(mask):
             raise ValueError('mask is an empty tree; pass None to decay every leaf.')
@@ -127,7 +178,7 @@ def add_decoupled_weight_decay(
 
     def rate(count: jax.Array | None) -> Any:
         value = weight_decay(count) if count is not None else weight_decay
-        return paper_equivalent_decay(value, convention, reference_learning_rate)
+        return paper_equivalent_decay(value, name, reference_learning_rate)
 
     scheduled = callable(weight_decay)
     no_decay = not scheduled and validation.concrete_float(weight_decay) == 0.0
@@ -158,6 +209,8 @@ def add_decoupled_weight_decay(
         decay = rate(state.count if scheduled else None)
 
         def add(u: jax.Array, p: jax.Array) -> jax.Array:
+            # jnp.asarray: parameters may be Python scalars or NumPy arrays (as under jit).
+            u, p = jnp.asarray(u), jnp.asarray(p)
             dtype = compute_dtype(u, p)
             return (u.astype(dtype) + decay * p.astype(dtype)).astype(u.dtype)
 
@@ -175,24 +228,26 @@ def decay_and_learning_rate(
     weight_decay: optax.ScalarOrSchedule,
     learning_rate: optax.ScalarOrSchedule,
     *,
-    convention: WeightDecayConvention,
+    convention: Any,
     reference_learning_rate: float | None,
     mask: Any | Callable[[optax.Params], Any] | None,
 ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """The two stages after the direction in the optimizer aliases: decay, then the step.
 
     ``(add_decoupled_weight_decay(...), optax.scale_by_learning_rate(lr))``, to
-    be spliced into a flat ``optax.chain`` (so the state is optax.lion's). For
+    be spliced into a flat ``optax.chain`` (so the state is optax.lion's). The
+    convention is a name or a :class:`FullyDecoupled`; for
     ``'fully_decoupled'`` the reference learning rate defaults to a constant
     ``learning_rate``; with a schedule it must be given.
     """
-    validation.check_choice('weight_decay_convention', convention, WEIGHT_DECAY_CONVENTIONS)
+    convention, reference_learning_rate = resolve_convention(convention, reference_learning_rate)
     if convention == 'fully_decoupled' and reference_learning_rate is None:
         if callable(learning_rate):
             raise ValueError(
                 "weight_decay_convention='fully_decoupled' with a learning-rate "
-                'schedule needs reference_learning_rate (the lr_ref in '
-                "lr_t / lr_ref, usually the schedule's peak). Pass it explicitly."
+                'schedule needs the reference learning rate (the lr_ref in '
+                "lr_t / lr_ref, usually the schedule's peak): pass "
+                'weight_decay_convention=FullyDecoupled(reference_learning_rate=lr_ref).'
             )
         reference_learning_rate = learning_rate
     decay = add_decoupled_weight_decay(
