@@ -102,8 +102,48 @@ def check_positive(name: str, value: Any, *, hint: str = '') -> None:
         )
 
 
+# Short names of float dtypes that configs and other libraries use (PyTorch-style
+# 'bf16', 'fp16', 'fp32'; XLA's 'f16', 'f32'), which jnp.dtype does not know.
+FLOAT_DTYPE_ALIASES = {
+    'bf16': 'bfloat16',
+    'fp16': 'float16',
+    'f16': 'float16',
+    'fp32': 'float32',
+    'f32': 'float32',
+}
+
+# What an option checked by check_float_dtype accepts besides float dtypes, for its
+# message: mu_dtype is first resolved as int8 storage (momentum_storage.resolve_int8).
+_OTHER_FORMS = {
+    'mu_dtype': (
+        "'int8' or lion_optax.Int8Momentum(block_size=32, min_quantized_size=4096) "
+        '(block-wise int8 storage)'
+    ),
+}
+
+
+def _accepted_dtypes(name: str, allow_none: bool) -> str:
+    """Every form ``name`` accepts, for error messages."""
+    forms = []
+    if allow_none:
+        forms.append('None (follow the parameters)')
+    forms.append(
+        'a floating-point dtype (jnp.float32, jnp.bfloat16, jnp.float16, or their NumPy '
+        "dtypes), its name ('float32', 'bfloat16', 'float16') or a short name ("
+        + ', '.join(repr(alias) for alias in FLOAT_DTYPE_ALIASES)
+        + ')'
+    )
+    if name in _OTHER_FORMS:
+        forms.append(_OTHER_FORMS[name])
+    return '; '.join(forms)
+
+
 def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> Any:
-    """Returns ``dtype`` canonicalised, refusing anything that is not a float type."""
+    """Returns ``dtype`` canonicalised, refusing anything that is not a float type.
+
+    Short names (``'bf16'``, ``'fp16'``, ``'f16'``, ``'fp32'``, ``'f32'``) are read
+    as the dtypes they name. The errors list every form ``name`` accepts.
+    """
     if isinstance(dtype, (jax.Array, np.ndarray)) and dtype.shape == ():
         # optax.inject_hyperparams calls every callable hyperparameter with the
         # step count, which turns jnp.bfloat16 into a bf16 scalar: take its dtype.
@@ -111,20 +151,30 @@ def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> Any:
     if dtype is None:
         if allow_none:
             return None
-        raise TypeError(f'{name} must be a floating-point dtype, got None.')
+        raise TypeError(
+            f'{name} must be a floating-point dtype, got None. Accepted: '
+            f'{_accepted_dtypes(name, allow_none)}.'
+        )
+    given = dtype
+    if isinstance(dtype, str):
+        dtype = FLOAT_DTYPE_ALIASES.get(dtype, dtype)
     try:
         canonical = jnp.dtype(dtype)
     except TypeError as error:
         raise TypeError(
-            f'{name}={dtype!r} is not a dtype. Pass a floating-point dtype such '
-            'as jnp.float32 or jnp.bfloat16, or None to follow the parameters.'
+            f'{name}={given!r} is not a dtype. Accepted: {_accepted_dtypes(name, allow_none)}.'
         ) from error
     if not jnp.issubdtype(canonical, jnp.floating):
+        int8_hint = (
+            " (the dtype int8 itself would round every momentum value below 1 to 0; "
+            "for int8 storage pass the string 'int8')"
+            if name in _OTHER_FORMS and canonical == np.int8
+            else ''
+        )
         raise TypeError(
-            f'{name}={dtype!r} is not a floating-point dtype. Lion keeps a '
-            'momentum (an average of gradients), which needs a float type: pass '
-            'jnp.float32, jnp.bfloat16 or jnp.float16, or None to follow the '
-            'parameters.'
+            f'{name}={given!r} is not a floating-point dtype{int8_hint}. Lion keeps a '
+            'momentum (an average of gradients), which needs a float type. Accepted: '
+            f'{_accepted_dtypes(name, allow_none)}.'
         )
     return jax.dtypes.canonicalize_dtype(canonical)
 
