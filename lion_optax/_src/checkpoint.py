@@ -80,6 +80,7 @@ _REPLACED = '.lion_optax-replaced'
 # folders from format 1 (``<step>.orbax-checkpoint-tmp...``).
 _LEFTOVER = re.compile(r'^(\d+)\.(lion_optax-|orbax-checkpoint-tmp)')
 _HASH_CHUNK = 1 << 20
+_POOL_BYTES = 8 << 20  # below this, hash files one after another (see _hash_files)
 _barrier_ids = itertools.count()
 
 
@@ -190,12 +191,25 @@ def _hash_file(path: pathlib.Path, fsync: bool) -> tuple[int, str]:
 def _hash_files(
     folder: pathlib.Path, names: list[str], fsync: bool = False
 ) -> dict[str, tuple[int, str]]:
-    """Hashes ``folder/name`` for every name, several files at a time (hashlib drops the GIL)."""
-    if len(names) <= 1:
+    """Hashes ``folder/name`` for every name, several files at a time (hashlib drops the GIL).
+
+    Small checkpoints that need no fsync are hashed in this thread: starting a pool
+    costs more than hashing a few megabytes.
+    """
+    if len(names) <= 1 or (not fsync and _total_size(folder, names) < _POOL_BYTES):
         return {name: _hash_file(folder / name, fsync) for name in names}
     with concurrent.futures.ThreadPoolExecutor(min(8, len(names))) as pool:
         results = pool.map(lambda name: _hash_file(folder / name, fsync), names)
         return dict(zip(names, results))
+
+
+def _total_size(folder: pathlib.Path, names: list[str]) -> int:
+    """Bytes in ``folder/name`` over all names; a file that cannot be read counts as large
+    (it is then read, and its error raised, the usual way)."""
+    try:
+        return sum((folder / name).stat().st_size for name in names)
+    except OSError:
+        return _POOL_BYTES
 
 
 def _files_of(folder: pathlib.Path) -> list[str]:
