@@ -2,12 +2,15 @@
 
 Figures are built without pyplot (``matplotlib.figure.Figure``), so no global backend
 state is touched. Every optimizer has its own colour, line style and marker; curves
-that coincide (``optax.lion`` and ``lion_optax.lion`` compute the same numbers) are
-drawn once, labelled with both names. Log axes carry plain tick labels (0.2, 0.5, 1).
+that are the same numbers (``optax.lion`` and ``lion_optax.lion``) are drawn once,
+labelled with both names, and curves that nearly coincide (int8 momentum and Lion)
+have staggered markers, so that none hides another. Log axes carry plain tick labels
+(0.2, 0.5, 1).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import _optimizers
@@ -48,46 +51,98 @@ def _groups(curves: dict[str, np.ndarray]) -> list[list[str]]:
     return groups
 
 
+# The comparisons, one row of panels each: the headline (AdamW against Lion, with their
+# min-max bands), then Lion against its variants (no bands: four bands over the same curves
+# hid each other). lion_optax.lion is in both rows, the reference of each.
+COMPARISONS = (
+    ('AdamW against Lion', (_optimizers.ADAMW.label, _optimizers.LION.label), True),
+    (
+        'Lion and its variants',
+        (
+            _optimizers.LION.label,
+            _optimizers.OPTAX_LION.label,
+            _optimizers.CAUTIOUS_LION.label,
+            _optimizers.INT8_LION.label,
+        ),
+        False,
+    ),
+)
+MARKS_PER_CURVE = 8
+
+
+def curve_marks(position: int, count: int, points: int) -> tuple[int, int]:
+    """``markevery=(start, every)`` for the ``position``-th of ``count`` curves in a panel.
+
+    Each curve gets at most about ``MARKS_PER_CURVE`` markers, and no two curves of
+    the panel mark the same point (curve k marks points k, k + every, ...; every is at
+    least ``count``), so that curves drawn over each other still show every one's
+    markers: one curve cannot hide another.
+    """
+    every = max(count, math.ceil(points / MARKS_PER_CURVE))
+    return (position * every) // count, every
+
+
+def _task_curves(task: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``({optimizer: mean curve}, {optimizer: (steps, min, max)})`` over finished runs."""
+    curves, bands = {}, {}
+    for s in task['summaries']:
+        steps = s['runs'][0]['steps']
+        # Diverged runs stop early; the curve and band cover the runs that finished.
+        finished = np.array([r['val_loss'] for r in s['runs'] if len(r['val_loss']) == len(steps)])
+        if len(finished):
+            curves[s['optimizer']] = finished.mean(0)
+            bands[s['optimizer']] = (np.array(steps), finished.min(0), finished.max(0))
+    return curves, bands
+
+
 def plot_curves(result: dict[str, Any]) -> Any:
-    """Validation loss against steps per task: seed mean with a min-max band per optimizer."""
+    """Validation loss against steps, one column per task and one row per comparison.
+
+    Top row: AdamW against ``lion_optax.lion``, seed mean with a min-max band each.
+    Bottom row: ``lion_optax.lion`` with ``optax.lion``, cautious and int8-momentum Lion,
+    seed means only. Curves that are the same numbers are drawn once, labelled with every
+    name; curves that nearly coincide are told apart by staggered markers
+    (:func:`curve_marks`) and by line widths that shrink with each curve drawn on top.
+    """
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
     tasks = result['tasks']
-    fig = Figure(figsize=(5.5 * len(tasks), 4.5), layout='constrained')
-    for ax, task in zip(fig.subplots(1, len(tasks), squeeze=False)[0], tasks):
-        curves, bands = {}, {}
-        for s in task['summaries']:
-            steps = s['runs'][0]['steps']
-            # Diverged runs stop early; the band covers the runs that finished.
-            finished = np.array(
-                [r['val_loss'] for r in s['runs'] if len(r['val_loss']) == len(steps)]
-            )
-            if len(finished):
-                curves[s['optimizer']] = finished.mean(0)
-                bands[s['optimizer']] = (np.array(steps), finished.min(0), finished.max(0))
+    fig = Figure(figsize=(5.5 * len(tasks), 8.5), layout='constrained')
+    axes = fig.subplots(len(COMPARISONS), len(tasks), squeeze=False)
+    for column, task in enumerate(tasks):
+        curves, bands = _task_curves(task)
         values = np.concatenate([b[1:] for b in bands.values()], axis=None)
-        for group in _groups(curves):
-            name = group[0]
-            steps, low, high = bands[name]
-            style = STYLES.get(name, {})
-            ax.plot(
-                steps,
-                curves[name],
-                label=' = '.join(group),
-                markevery=max(1, len(steps) // 8),
-                markersize=5,
-                **style,
-            )
-            ax.fill_between(steps, low, high, alpha=0.15, color=style.get('color'))
-        _plain_log_y(ax, float(values.min()), float(values.max()))
-        ax.set_title(task['name'])
-        ax.set_xlabel('step')
-        ax.set_ylabel('validation loss (log scale)')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for row, (title, names, with_bands) in enumerate(COMPARISONS):
+            ax = axes[row, column]
+            shown = {name: curves[name] for name in names if name in curves}
+            groups = _groups(shown)
+            for position, group in enumerate(groups):
+                name = group[0]
+                steps, low, high = bands[name]
+                style = STYLES.get(name, {})
+                ax.plot(
+                    steps,
+                    curves[name],
+                    label=' = '.join(group),
+                    markevery=curve_marks(position, len(groups), len(steps)),
+                    markersize=6 if position == 0 else 5,
+                    linewidth=2.6 - 0.5 * position,
+                    zorder=2 + position,
+                    **style,
+                )
+                if with_bands:
+                    ax.fill_between(
+                        steps, low, high, alpha=0.15, color=style.get('color'), linewidth=0
+                    )
+            _plain_log_y(ax, float(values.min()), float(values.max()))
+            ax.set_title(f'{task["name"]}: {title}', fontsize=10)
+            ax.set_xlabel('step')
+            ax.set_ylabel('validation loss (log scale)')
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle(
-        f'Validation loss, mean and min-max over {result["budget"]["seeds"]} seeds '
-        '(curves that coincide are drawn once, labelled with every name)'
+        f'Validation loss, mean over {result["budget"]["seeds"]} seeds (top: with the min-max '
+        'band; curves that are the same numbers are drawn once, labelled with every name)'
     )
     return fig
 

@@ -13,6 +13,8 @@ corruption tests flip bytes in saved files and damage step folders.
 import collections
 import concurrent.futures
 import functools
+import hashlib
+import json
 import os
 import queue
 import re
@@ -309,6 +311,143 @@ def test_format_1_checkpoint_is_not_restored_and_says_why(tmp_path):
         restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=8)
     with pytest.raises(FileNotFoundError, match=r'No checkpoint.*not complete:\n  step 8'):
         restore_checkpoint(tmp_path, {'x': jnp.float32(0)})
+
+
+def _file_damages(raw):
+    """``(what, new bytes or None for deleted)``: flips at several places, truncations, deletion."""
+    n = len(raw)
+    for where in sorted({0, n // 2, n - 1}):
+        flipped = bytearray(raw)
+        flipped[where] ^= 0x01
+        yield f'byte {where} of {n} flipped', bytes(flipped)
+    run = bytearray(raw)  # eight bytes at once: what made the manifest non-UTF-8 (issue 18)
+    for where in range(n // 2, min(n, n // 2 + 8)):
+        run[where] ^= 0xFF
+    yield f'bytes {n // 2}..{n // 2 + 7} of {n} flipped', bytes(run)
+    yield f'truncated to {n // 2} of {n} bytes', raw[: n // 2]
+    yield 'deleted', None
+
+
+def test_every_byte_of_every_file_is_covered_flipped_truncated_or_deleted(tmp_path):
+    """Damage each file a real save writes (orbax's files and the manifest) in turn.
+
+    Each damage must end in a fallback to step 1 (a step whose manifest is damaged,
+    or whose files lack bytes, is not complete) or, for a same-size change that only
+    the SHA-256 sees, a CheckpointCorruptError naming the file: never another
+    exception, never data other than what the restored step saved.
+    """
+    old = {'w': jnp.arange(6.0).reshape(2, 3), 'n': jnp.int32(1), 'm': jnp.ones(3, jnp.bfloat16)}
+    new = jax.tree.map(lambda x: x + 1, old)
+    save_checkpoint(tmp_path, 1, old)
+    folder = save_checkpoint(tmp_path, 2, new)
+    manifest_name = checkpoint._MANIFEST
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file())
+    listed = set(json.loads((folder / manifest_name).read_text())['files'])
+    assert listed == set(names) - {manifest_name}, 'a file the save wrote is not checksummed'
+    assert manifest_name in names and any('/d/' in name for name in names), names
+    corrupt = 'step 2 .* is corrupt'
+    failures = []
+    for name in names:
+        victim = folder / name
+        original = victim.read_bytes()
+        for what, damaged in _file_damages(original):
+            if damaged is None:
+                victim.unlink()
+            else:
+                victim.write_bytes(damaged)
+            label = f'{name} {what}'
+            try:
+                # Sizes are checked without reading data; only the SHA-256 sees a same-size edit.
+                if name == manifest_name and damaged is None:
+                    refusal, why = FileNotFoundError, 'is incomplete: it has no lion_optax_manifest'
+                elif name == manifest_name:
+                    refusal, why = CheckpointCorruptError, 'is damaged: its manifest .* is damaged'
+                elif damaged is None:
+                    refusal, why = CheckpointCorruptError, f'is damaged: {name}, listed .* missing'
+                elif len(damaged) != len(original):
+                    refusal, why = CheckpointCorruptError, f'is damaged: {name} has {len(damaged)}'
+                else:
+                    refusal, why = None, None
+                if refusal is not None:
+                    assert latest_step(tmp_path) == 1, label
+                    with pytest.warns(RuntimeWarning, match='\n  step 2 .*: ') as record:
+                        restored, step = restore_checkpoint(tmp_path, old)
+                    assert step == 1 and len(record) == 1, label
+                    _assert_trees_bitwise_equal(restored, old)
+                    with pytest.raises(refusal, match=f'step 2 at .* {why}'):
+                        restore_checkpoint(tmp_path, new, step=2)
+                else:
+                    assert latest_step(tmp_path) == 2, label
+                    for step in (None, 2):
+                        with pytest.raises(CheckpointCorruptError, match=corrupt) as info:
+                            restore_checkpoint(tmp_path, new, step=step)
+                        assert f'\n  {name} (' in str(info.value), label
+                    _assert_trees_bitwise_equal(restore_checkpoint(tmp_path, old, step=1)[0], old)
+            except (Exception, pytest.fail.Exception) as error:  # collect every case
+                failures.append(f'{label}: {type(error).__name__}: {error}')
+            victim.write_bytes(original)
+    assert not failures, '\n'.join(failures)
+    _assert_trees_bitwise_equal(restore_checkpoint(tmp_path, new)[0], new)
+
+
+def _write_manifest_like_a_save(folder, manifest):
+    """Writes ``manifest`` with the checksum and layout a save gives it, whatever its contents."""
+    if isinstance(manifest, dict):
+        body = {k: v for k, v in manifest.items() if k != 'sha256'}
+        canonical = json.dumps(body, sort_keys=True, separators=(',', ':'))
+        manifest = dict(body, sha256=hashlib.sha256(canonical.encode()).hexdigest())
+    (folder / 'lion_optax_manifest.json').write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _manifest_edits(good):
+    """Manifests that are valid JSON with a matching checksum but not what a save writes."""
+    name, entry = next(iter(good['files'].items()))
+    files = lambda **changes: dict(good, files=dict(good['files'], **changes))  # noqa: E731
+    return {
+        'a list': [good],
+        'files a list': dict(good, files=list(good['files'].items())),
+        'files missing': {k: v for k, v in good.items() if k != 'files'},
+        'an extra key': dict(good, comment='hi'),
+        'step a str': dict(good, step=str(good['step'])),
+        'step a bool': dict(good, step=True),
+        'format_version a str': dict(good, format_version='2'),
+        'size a str': files(**{name: [str(entry[0]), entry[1]]}),
+        'size a bool': files(**{name: [True, entry[1]]}),
+        'size negative': files(**{name: [-1, entry[1]]}),
+        'entry of one field': files(**{name: [entry[0]]}),
+        'entry an object': files(**{name: {'size': entry[0], 'sha256': entry[1]}}),
+        'checksum not hex': files(**{name: [entry[0], 'z' * 64]}),
+        'a path out of the step': files(**{'../1/' + name: entry}),
+        'an absolute path': files(**{'/' + name: entry}),
+    }
+
+
+def test_manifest_of_wrong_types_or_layout_is_damaged_not_a_crash(tmp_path):
+    save_checkpoint(tmp_path, 1, {'x': jnp.float32(1)})
+    folder = save_checkpoint(tmp_path, 2, {'x': jnp.float32(2)})
+    manifest = folder / 'lion_optax_manifest.json'
+    original = manifest.read_text()
+    good = json.loads(original)
+    edits = _manifest_edits(good)
+    # Same contents, other whitespace: JSON ignores it, the check must not.
+    edits['re-indented'] = None
+    failures = []
+    for what, edited in edits.items():
+        if edited is None:
+            manifest.write_text(json.dumps(good, indent=2, sort_keys=True))
+        else:
+            _write_manifest_like_a_save(folder, edited)
+        try:
+            assert latest_step(tmp_path) == 1
+            damaged = r'step 2 .* manifest .* is damaged \('
+            with pytest.raises(CheckpointCorruptError, match=damaged):
+                restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=2)
+        except (Exception, pytest.fail.Exception) as error:  # collect every case
+            failures.append(f'{what}: {type(error).__name__}: {error}')
+    assert not failures, '\n'.join(failures)
+    _write_manifest_like_a_save(folder, good)  # the test's writer is the save's: intact again
+    assert manifest.read_text() == original
+    assert restore_checkpoint(tmp_path, {'x': jnp.float32(0)})[1] == 2
 
 
 def test_zero_size_leaves_round_trip(tmp_path):

@@ -6,7 +6,9 @@ Checkpoint corruption and killed saves are tested in test_checkpoint.py.
 """
 
 import functools
+import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +143,75 @@ def test_a_mask_that_is_not_booleans_is_refused_naming_the_leaf(mask):
     with pytest.raises(TypeError, match=r"mask leaf \['w'\]"):
         tx = lion_optax.lion(0.1, mask=mask)
         tx.update(GRADS, tx.init(PARAMS), PARAMS)
+
+
+NESTED = {'encoder': {'w': jnp.ones((2, 3)), 'b': jnp.ones(3)}, 'head': {'w': jnp.ones((3, 1))}}
+NESTED_GRADS = jax.tree.map(lambda p: jnp.full_like(p, 0.5), NESTED)
+
+
+def _mask_error(make, mask, params):
+    tx = make(mask)
+    with pytest.raises(ValueError) as info:
+        tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    return str(info.value)
+
+
+@pytest.mark.parametrize('make', [lambda mask: lion_optax.lion(0.1, weight_decay=0.1, mask=mask),
+                                  lambda mask: lion_optax.add_decoupled_weight_decay(0.1, mask=mask)],
+                         ids=['lion', 'add_decoupled_weight_decay'])
+@pytest.mark.parametrize('as_callable', [False, True])
+@pytest.mark.parametrize('mask, difference', [
+    ({'encoder': True}, r"the params have \['head'\]\['w'\], which the mask does not cover"),
+    ({'encoder': True, 'head': False, 'tail': True}, r"the mask has \['tail'\], which the params lack"),
+    ({'encoder': {'w': True, 'b': False, 'g': True}, 'head': True}, r"mask has \['encoder'\]\['g'\]"),
+    ({'encoder': True, 'head': {'w': {'x': True}}}, r"mask has \['head'\]\['w'\]\['x'\]"),
+    ((True, False), r'the mask has \[0\], \[1\], which the params lack'),
+])
+def test_a_mask_of_the_wrong_structure_names_mask_both_structures_and_the_fix(
+        make, as_callable, mask, difference):
+    """optax.lion gives JAX's raw pytree error, which never says 'mask'."""
+    message = _mask_error(make, (lambda params: mask) if as_callable else mask, NESTED)
+    assert message.startswith('add_decoupled_weight_decay: mask does not fit the params'), message
+    assert re.search(difference, message), message
+    assert f'\n  mask:   {jax.tree.structure(mask)}\n' in message
+    assert f'\n  params: {jax.tree.structure(NESTED)}\n' in message
+    assert 'a prefix of it' in message and 'callable params -> mask' in message
+    with pytest.raises(ValueError) as theirs:
+        optax.lion(0.1, weight_decay=0.1, mask=mask).init(NESTED)
+    assert 'mask' not in str(theirs.value)
+
+
+def test_a_mask_in_other_containers_says_so_and_never_prints_the_arrays():
+    params = (jnp.arange(1000.0), jnp.ones(2))
+    message = _mask_error(lambda mask: lion_optax.lion(0.1, mask=mask), [True, False], params)
+    assert 'the containers differ (Expected list, got (*, *))' in message, message
+    assert '999' not in message  # parameters appear as *, not as their values
+
+
+@pytest.mark.parametrize('mask', ['w', 1.5, 0, b'w'])
+def test_a_mask_that_is_not_a_tree_is_named_with_its_type(mask):
+    """mask='w' used to say "mask leaf  is 'w'", with an empty path."""
+    with pytest.raises(TypeError) as info:
+        lion_optax.lion(0.1, mask=mask).init(PARAMS)
+    message = str(info.value)
+    assert f'mask is {mask!r} (a {type(mask).__name__})' in message, message
+    assert 'mask leaf' not in message and 'callable params -> mask' in message
+
+
+@pytest.mark.parametrize('prefix', [
+    True,
+    {'encoder': True, 'head': False},
+    {'encoder': {'w': True, 'b': False}, 'head': True},
+    lambda params: {'encoder': True, 'head': False},
+])
+def test_a_prefix_mask_is_still_accepted_and_equals_the_full_mask(prefix):
+    tree = prefix(NESTED) if callable(prefix) else prefix
+    full = jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), tree, NESTED)
+    ours, full_tx = (lion_optax.lion(0.1, weight_decay=0.5, mask=m) for m in (prefix, full))
+    chex.assert_trees_all_equal(
+        ours.update(NESTED_GRADS, ours.init(NESTED), NESTED)[0],
+        full_tx.update(NESTED_GRADS, full_tx.init(NESTED), NESTED)[0],
+    )
 
 
 def test_a_block_larger_than_the_array_adds_no_padding():

@@ -1,5 +1,8 @@
 """Bad input is refused with a message that names the problem (optax.lion 0.2.8 accepts it)."""
 
+import re
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +34,47 @@ def test_array_learning_rate_of_wrong_rank_is_refused():
         lion_optax.lion(jnp.ones(3))
 
 
-@pytest.mark.parametrize('dtype', [jnp.int8, jnp.int32, bool, 'not-a-dtype'])
+@pytest.mark.parametrize('dtype', [jnp.int8, jnp.int32, bool, 'not-a-dtype', 'b16', 'BF16'])
 def test_non_float_mu_dtype_is_refused(dtype):
     with pytest.raises(TypeError, match='mu_dtype='):
         lion_optax.lion(1e-4, mu_dtype=dtype)
+
+
+def _mu_dtype_error(dtype):
+    with pytest.raises(TypeError) as info:
+        lion_optax.scale_by_lion(mu_dtype=dtype)
+    return str(info.value)
+
+
+@pytest.mark.parametrize('dtype', [jnp.int32, 'not-a-dtype', 'b16'])
+def test_mu_dtype_error_lists_every_accepted_form_and_each_works(dtype):
+    """Issue 18: the message listed float dtypes only, never 'int8' (which is valid)."""
+    message = _mu_dtype_error(dtype)
+    for form in ('None', 'jnp.float32', 'jnp.bfloat16', 'jnp.float16', 'NumPy', 'Int8Momentum('):
+        assert form in message, form
+    named = re.findall(r"'([^']+)'", message.split('Accepted:', 1)[1])
+    assert set(named) >= {'int8', 'bfloat16', 'float16', 'float32', 'bf16', 'fp16', 'f16',
+                          'fp32', 'f32'}, named
+    params = {'w': jnp.ones(3)}
+    for name in named:  # every form the message offers is accepted
+        lion_optax.lion(1e-4, mu_dtype=name).init(params)
+    lion_optax.lion(1e-4, mu_dtype=lion_optax.Int8Momentum(block_size=32, min_quantized_size=4096))
+
+
+def test_int8_dtype_error_says_to_pass_the_string():
+    assert "pass the string 'int8'" in _mu_dtype_error(jnp.int8)
+
+
+@pytest.mark.parametrize('short, long', [('bf16', 'bfloat16'), ('fp16', 'float16'),
+                                         ('f16', 'float16'), ('fp32', 'float32'),
+                                         ('f32', 'float32')])
+def test_short_float_dtype_names_are_the_dtypes_they_name(short, long):
+    params = {'w': jnp.ones(3, jnp.float32)}
+    grads = {'w': jnp.array([0.5, -1.0, 2.0])}
+    ours, theirs = lion_optax.lion(1e-2, mu_dtype=short), lion_optax.lion(1e-2, mu_dtype=long)
+    state, reference = ours.init(params), theirs.init(params)
+    assert state[0].mu['w'].dtype == jnp.dtype(long)
+    chex.assert_trees_all_equal(ours.update(grads, state, params), theirs.update(grads, reference, params))
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,11 @@ Guarantees (checkpoint format 2):
   file it lists is present with its recorded size. :func:`latest_step` returns only
   such steps; ``restore_checkpoint(step=None)`` falls back to the newest one (with a
   warning naming any newer step folder it passed over); asking for an incomplete
-  step by number raises an error that says why it is incomplete. Leftover
-  temporary folders of killed saves are ignored by readers and removed by the next
-  save.
+  step by number raises an error that says why it is incomplete. A manifest changed
+  in any byte (unreadable, not UTF-8 JSON, failing its checksum, laid out otherwise,
+  or with a field of the wrong type) makes its step damaged in the same way, never an
+  exception from the reader. Leftover temporary folders of killed saves are ignored
+  by readers and removed by the next save.
 * **No silent corruption.** The manifest holds the SHA-256 of every file of the
   step. :func:`restore_checkpoint` recomputes them before using the files (one
   extra read of the checkpoint) and raises :class:`CheckpointCorruptError` naming
@@ -78,6 +80,7 @@ _REPLACED = '.lion_optax-replaced'
 # folders from format 1 (``<step>.orbax-checkpoint-tmp...``).
 _LEFTOVER = re.compile(r'^(\d+)\.(lion_optax-|orbax-checkpoint-tmp)')
 _HASH_CHUNK = 1 << 20
+_POOL_BYTES = 8 << 20  # below this, hash files one after another (see _hash_files)
 _barrier_ids = itertools.count()
 
 
@@ -188,12 +191,25 @@ def _hash_file(path: pathlib.Path, fsync: bool) -> tuple[int, str]:
 def _hash_files(
     folder: pathlib.Path, names: list[str], fsync: bool = False
 ) -> dict[str, tuple[int, str]]:
-    """Hashes ``folder/name`` for every name, several files at a time (hashlib drops the GIL)."""
-    if len(names) <= 1:
+    """Hashes ``folder/name`` for every name, several files at a time (hashlib drops the GIL).
+
+    Small checkpoints that need no fsync are hashed in this thread: starting a pool
+    costs more than hashing a few megabytes.
+    """
+    if len(names) <= 1 or (not fsync and _total_size(folder, names) < _POOL_BYTES):
         return {name: _hash_file(folder / name, fsync) for name in names}
     with concurrent.futures.ThreadPoolExecutor(min(8, len(names))) as pool:
         results = pool.map(lambda name: _hash_file(folder / name, fsync), names)
         return dict(zip(names, results))
+
+
+def _total_size(folder: pathlib.Path, names: list[str]) -> int:
+    """Bytes in ``folder/name`` over all names; a file that cannot be read counts as large
+    (it is then read, and its error raised, the usual way)."""
+    try:
+        return sum((folder / name).stat().st_size for name in names)
+    except OSError:
+        return _POOL_BYTES
 
 
 def _files_of(folder: pathlib.Path) -> list[str]:
@@ -223,11 +239,77 @@ def _write_manifest(folder: pathlib.Path, step: int) -> None:
     manifest = dict(body, sha256=_manifest_digest(body))
     partial = folder / (_MANIFEST + '.partial')
     with open(partial, 'w', encoding='utf-8') as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write(_manifest_text(manifest))
         f.flush()
         _fsync(f.fileno())
     os.replace(partial, folder / _MANIFEST)
     _fsync_dir(folder)
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    """The exact text :func:`_write_manifest` writes for ``manifest``."""
+    return json.dumps(manifest, indent=1, sort_keys=True)
+
+
+_SHA256_HEX = re.compile(r'^[0-9a-f]{64}$')
+
+
+def _parse_manifest(raw: bytes) -> tuple[str, Any]:
+    """``('complete', {'step', 'format_version', 'files': {name: (size, sha)}})`` or why not.
+
+    Checks every byte: the text must be UTF-8, JSON, carry its own checksum, and be
+    laid out exactly as :func:`_write_manifest` lays it out (so a byte changed where
+    JSON ignores it, e.g. in whitespace, is caught too); every field must have the
+    type a save writes. Returns ``('damaged', reason)`` or ``('in another format',
+    reason)`` otherwise, never raises: a damaged manifest must make its step skipped
+    or refused by name, not crash the reader.
+    """
+    try:
+        manifest = json.loads(raw.decode('utf-8'))
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors; deep nesting is a RecursionError.
+    except (ValueError, RecursionError) as error:
+        return 'damaged', f'it is not UTF-8 JSON ({type(error).__name__}: {error})'
+    if not isinstance(manifest, dict):
+        return 'damaged', f'it holds a JSON {type(manifest).__name__}, not an object'
+    version = manifest.get('format_version')
+    if isinstance(version, int) and not isinstance(version, bool) and version != FORMAT_VERSION:
+        return 'in another format', (
+            f'its manifest has format {version!r}; this version of lion_optax reads '
+            f'format {FORMAT_VERSION}. Restore it with the version that wrote it'
+        )
+    body = {k: v for k, v in manifest.items() if k != 'sha256'}
+    if manifest.get('sha256') != _manifest_digest(body):
+        return 'damaged', 'its own checksum does not match'
+    if _manifest_text(manifest).encode('utf-8') != raw:
+        return 'damaged', 'its bytes are not laid out as its save wrote them'
+    files = body.get('files')
+    if set(body) != {'format_version', 'step', 'files'} or not isinstance(files, dict):
+        return 'damaged', (
+            f'it has the keys {sorted(manifest)}; a save writes files, format_version, '
+            'sha256 and step, with files an object'
+        )
+    for key in ('format_version', 'step'):
+        if not isinstance(body[key], int) or isinstance(body[key], bool):
+            return 'damaged', f'its {key} is {body[key]!r}, not an int'
+    checked = {}
+    for name, entry in files.items():
+        parts = name.split('/')
+        if name == _MANIFEST or not all(part not in ('', '.', '..') for part in parts):
+            return 'damaged', f'it lists {name!r}, which is not a file path inside the step'
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], int)
+            and not isinstance(entry[0], bool)
+            and entry[0] >= 0
+            and isinstance(entry[1], str)
+            and _SHA256_HEX.match(entry[1])
+        ):
+            return 'damaged', (
+                f'its entry for {name} is {entry!r}, not [size in bytes, SHA-256 hex]'
+            )
+        checked[name] = (entry[0], entry[1])
+    return 'complete', dict(body, files=checked)
 
 
 def _inspect(folder: pathlib.Path, step: int) -> tuple[str, Any]:
@@ -235,12 +317,13 @@ def _inspect(folder: pathlib.Path, step: int) -> tuple[str, Any]:
 
     Returns ``('complete', manifest)`` or ``(status, reason)`` with status
     ``'incomplete'`` (no manifest: its save did not finish), ``'damaged'`` (a
-    manifest, but it or the files it lists do not check out: missing, or of another
-    size) or ``'in another format'`` (written by another version of lion_optax).
+    manifest, but it or the files it lists do not check out: unreadable, not what
+    its save wrote, missing, or of another size) or ``'in another format'``
+    (written by another version of lion_optax). Never raises for what is on disk.
     """
     path = folder / _MANIFEST
     try:
-        text = path.read_text(encoding='utf-8')
+        raw = path.read_bytes()
     except FileNotFoundError:
         try:
             old = json.loads((folder / _SPEC / 'metadata').read_text(encoding='utf-8'))
@@ -261,37 +344,24 @@ def _inspect(folder: pathlib.Path, step: int) -> tuple[str, Any]:
         )
     except OSError as error:
         return 'damaged', f'its manifest cannot be read ({error})'
-    try:
-        manifest = json.loads(text)
-    except ValueError:
-        manifest = None  # the checksum test below reports it as damaged
-    version = manifest.get('format_version') if isinstance(manifest, dict) else None
-    if version not in (None, FORMAT_VERSION):
-        return 'in another format', (
-            f'its manifest has format {version!r}; this version of lion_optax reads '
-            f'format {FORMAT_VERSION}. Restore it with the version that wrote it'
-        )
-    try:
-        body = {k: v for k, v in manifest.items() if k != 'sha256'}
-        intact = manifest['sha256'] == _manifest_digest(body)
-        files = {str(name): (int(size), str(sha)) for name, (size, sha) in body['files'].items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        intact = False
-    if not intact:
-        return 'damaged', f'its manifest {path} is damaged (its own checksum does not match)'
-    if body.get('step') != step:
+    status, detail = _parse_manifest(raw)
+    if status == 'damaged':
+        return 'damaged', f'its manifest {path} is damaged ({detail})'
+    if status != 'complete':
+        return status, detail
+    if detail['step'] != step:
         return 'damaged', (
-            f'its manifest says step {body.get("step")!r}, not {step}: the folder was '
+            f'its manifest says step {detail["step"]!r}, not {step}: the folder was '
             'renamed or copied under another step'
         )
-    for name, (size, _) in files.items():
+    for name, (size, _) in detail['files'].items():
         try:
             actual = (folder / name).stat().st_size
         except OSError:
             return 'damaged', f'{name}, listed in its manifest, is missing'
         if actual != size:
             return 'damaged', f'{name} has {actual} bytes; its save wrote {size}'
-    return 'complete', dict(body, files=files)
+    return 'complete', detail
 
 
 # ---------------------------------------------------------------------------

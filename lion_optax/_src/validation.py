@@ -102,8 +102,48 @@ def check_positive(name: str, value: Any, *, hint: str = '') -> None:
         )
 
 
+# Short names of float dtypes that configs and other libraries use (PyTorch-style
+# 'bf16', 'fp16', 'fp32'; XLA's 'f16', 'f32'), which jnp.dtype does not know.
+FLOAT_DTYPE_ALIASES = {
+    'bf16': 'bfloat16',
+    'fp16': 'float16',
+    'f16': 'float16',
+    'fp32': 'float32',
+    'f32': 'float32',
+}
+
+# What an option checked by check_float_dtype accepts besides float dtypes, for its
+# message: mu_dtype is first resolved as int8 storage (momentum_storage.resolve_int8).
+_OTHER_FORMS = {
+    'mu_dtype': (
+        "'int8' or lion_optax.Int8Momentum(block_size=32, min_quantized_size=4096) "
+        '(block-wise int8 storage)'
+    ),
+}
+
+
+def _accepted_dtypes(name: str, allow_none: bool) -> str:
+    """Every form ``name`` accepts, for error messages."""
+    forms = []
+    if allow_none:
+        forms.append('None (follow the parameters)')
+    forms.append(
+        'a floating-point dtype (jnp.float32, jnp.bfloat16, jnp.float16, or their NumPy '
+        "dtypes), its name ('float32', 'bfloat16', 'float16') or a short name ("
+        + ', '.join(repr(alias) for alias in FLOAT_DTYPE_ALIASES)
+        + ')'
+    )
+    if name in _OTHER_FORMS:
+        forms.append(_OTHER_FORMS[name])
+    return '; '.join(forms)
+
+
 def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> Any:
-    """Returns ``dtype`` canonicalised, refusing anything that is not a float type."""
+    """Returns ``dtype`` canonicalised, refusing anything that is not a float type.
+
+    Short names (``'bf16'``, ``'fp16'``, ``'f16'``, ``'fp32'``, ``'f32'``) are read
+    as the dtypes they name. The errors list every form ``name`` accepts.
+    """
     if isinstance(dtype, (jax.Array, np.ndarray)) and dtype.shape == ():
         # optax.inject_hyperparams calls every callable hyperparameter with the
         # step count, which turns jnp.bfloat16 into a bf16 scalar: take its dtype.
@@ -111,20 +151,30 @@ def check_float_dtype(name: str, dtype: Any, *, allow_none: bool = True) -> Any:
     if dtype is None:
         if allow_none:
             return None
-        raise TypeError(f'{name} must be a floating-point dtype, got None.')
+        raise TypeError(
+            f'{name} must be a floating-point dtype, got None. Accepted: '
+            f'{_accepted_dtypes(name, allow_none)}.'
+        )
+    given = dtype
+    if isinstance(dtype, str):
+        dtype = FLOAT_DTYPE_ALIASES.get(dtype, dtype)
     try:
         canonical = jnp.dtype(dtype)
     except TypeError as error:
         raise TypeError(
-            f'{name}={dtype!r} is not a dtype. Pass a floating-point dtype such '
-            'as jnp.float32 or jnp.bfloat16, or None to follow the parameters.'
+            f'{name}={given!r} is not a dtype. Accepted: {_accepted_dtypes(name, allow_none)}.'
         ) from error
     if not jnp.issubdtype(canonical, jnp.floating):
+        int8_hint = (
+            " (the dtype int8 itself would round every momentum value below 1 to 0; "
+            "for int8 storage pass the string 'int8')"
+            if name in _OTHER_FORMS and canonical == np.int8
+            else ''
+        )
         raise TypeError(
-            f'{name}={dtype!r} is not a floating-point dtype. Lion keeps a '
-            'momentum (an average of gradients), which needs a float type: pass '
-            'jnp.float32, jnp.bfloat16 or jnp.float16, or None to follow the '
-            'parameters.'
+            f'{name}={given!r} is not a floating-point dtype{int8_hint}. Lion keeps a '
+            'momentum (an average of gradients), which needs a float type. Accepted: '
+            f'{_accepted_dtypes(name, allow_none)}.'
         )
     return jax.dtypes.canonicalize_dtype(canonical)
 
@@ -200,20 +250,81 @@ def float_gradients(updates: Any, *, who: str) -> Any:
     return jax.tree_util.tree_map_with_path(one, updates)
 
 
-def check_mask(mask: Any, *, who: str) -> None:
-    """Refuses a mask pytree whose leaves are not booleans, naming the leaf."""
+class _AnyLeaf:
+    """Stands for a parameter in structure messages (JAX's would print whole arrays)."""
+
+    def __repr__(self) -> str:
+        return '*'
+
+
+def _structure_text(tree: Any, limit: int = 400) -> str:
+    text = str(jax.tree.structure(tree))
+    return text if len(text) <= limit else f'{text[:limit]}... ({len(text)} characters)'
+
+
+def check_mask(mask: Any, *, who: str, params: Any = None) -> None:
+    """Refuses a mask whose leaves are not booleans, naming the leaf; with ``params``,
+    also one whose structure is neither the params' nor a prefix of it.
+
+    Args:
+        mask: the mask pytree (a callable's result, once called).
+        who: the transformation's name, for the message.
+        params: the tree the mask is applied to (``optax.masked`` passes the params
+            to ``init`` and the updates to ``update``), or None to check the leaves only.
+    """
+    fix = (
+        'Pass a pytree of booleans with the structure of the params, a prefix of it '
+        "(one boolean for a whole sub-tree, e.g. {'encoder': True, 'head': False}), or a "
+        'callable params -> mask, e.g. lambda params: jax.tree.map(lambda p: p.ndim > 1, '
+        'params).'
+    )
     for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
         dtype = getattr(leaf, 'dtype', None)
         is_bool = isinstance(leaf, (bool, np.bool_)) or (
             dtype is not None and np.dtype(dtype) == np.bool_ and np.ndim(leaf) == 0
         )
         if not is_bool:
+            where = f'mask leaf {jax.tree_util.keystr(path)}' if path else 'mask'
             raise TypeError(
-                f'{who}: mask leaf {jax.tree_util.keystr(path)} is {leaf!r} '
-                f'({type(leaf).__name__}); a mask holds True (decay this leaf) or False '
-                "(do not), e.g. {'w': True, 'b': False}, or is a callable returning such a "
-                'tree from the parameters.'
+                f'{who}: {where} is {leaf!r} (a {type(leaf).__name__}); a mask holds True '
+                '(decay this leaf) or False (do not). ' + fix
             )
+    if params is None:
+        return
+    placeholders = jax.tree.map(lambda _: _AnyLeaf(), params)
+    try:
+        jax.tree.structure(mask).flatten_up_to(placeholders)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{who}: mask does not fit the params: its tree structure is neither the params' "
+            f'structure nor a prefix of it; {_mask_difference(mask, placeholders, error)}.\n'
+            f'  mask:   {_structure_text(mask)}\n'
+            f'  params: {_structure_text(params)}\n' + fix
+        ) from None
+
+
+def _mask_difference(mask: Any, params: Any, error: Exception) -> str:
+    """Where a mask and the params differ, by path, for :func:`check_mask`'s message."""
+    mask_paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(mask)[0]]
+    param_paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+    def covers(prefix: tuple[Any, ...], path: tuple[Any, ...]) -> bool:
+        return path[: len(prefix)] == prefix
+
+    def listed(paths: list[Any]) -> str:
+        shown = ', '.join(jax.tree_util.keystr(path) or '<root>' for path in paths[:5])
+        return shown + (f' and {len(paths) - 5} more' if len(paths) > 5 else '')
+
+    extra = [m for m in mask_paths if not any(covers(m, p) for p in param_paths)]
+    uncovered = [p for p in param_paths if not any(covers(m, p) for m in mask_paths)]
+    parts = []
+    if extra:
+        parts.append(f'the mask has {listed(extra)}, which the params lack')
+    if uncovered:
+        parts.append(f'the params have {listed(uncovered)}, which the mask does not cover')
+    if not parts:  # the same paths in other containers (a list for a tuple, say)
+        parts.append(f"the containers differ ({str(error).splitlines()[0].rstrip('.')})")
+    return '; '.join(parts)
 
 
 def check_matching_trees(

@@ -168,12 +168,16 @@ def add_decoupled_weight_decay(
         if not jax.tree.leaves(mask):
             raise ValueError('mask is an empty tree; pass None to decay every leaf.')
         validation.check_mask(mask, who='add_decoupled_weight_decay')
-    if callable(mask):
-        user_mask = mask
+    checked_mask = None
+    if mask is not None:
+        given = mask
 
-        def mask(params):  # the callable's result is checked when it is called
-            tree = user_mask(params)
-            validation.check_mask(tree, who='add_decoupled_weight_decay')
+        def checked_mask(params: Any) -> Any:
+            """The mask, checked against the tree optax.masked applies it to (the params in
+            init, the updates in update), so that a wrong structure is named, not JAX's
+            raw pytree error. A callable's result is checked when it is called."""
+            tree = given(params) if callable(given) else given
+            validation.check_mask(tree, who='add_decoupled_weight_decay', params=params)
             return tree
 
     def rate(count: jax.Array | None) -> Any:
@@ -219,8 +223,8 @@ def add_decoupled_weight_decay(
         return jax.tree.map(add, updates, params), state
 
     transformation = optax.GradientTransformation(init_fn, update_fn)
-    if mask is not None:
-        return optax.masked(transformation, mask)
+    if checked_mask is not None:
+        return optax.masked(transformation, checked_mask)
     return transformation
 
 
