@@ -245,6 +245,33 @@ def is_narrower_float(dtype: Any, than: Any = jnp.float32) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).nmant < jnp.finfo(than).nmant
 
 
+def _stochastic_round_on_grid(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
+    r"""SR of float32 ``x`` to float16 (or another IEEE type with fewer bits) on its grid.
+
+    The gap between neighbouring ``dtype`` values around ``x`` is a power of
+    two, :math:`2^k` with :math:`k = \max(e, e_{\min}) - m` (``e`` the
+    exponent of ``x``, ``m`` the mantissa bits, :math:`e_{\min}` the
+    smallest normal exponent: subnormals share its gap). Scaling by
+    :math:`2^{-k}` is exact, so :math:`\lfloor x 2^{-k} + u \rfloor 2^k`,
+    :math:`u` uniform on 13 bits, is unbiased and lands on the grid; the
+    conversion to ``dtype`` is then exact (or overflows to infinity). All
+    element-wise integer and float arithmetic, which the TPU compiler fuses
+    into the step (the neighbour search with ``nextafter`` split it into five
+    kernels).
+    """
+    info = jnp.finfo(dtype)
+    raw = lax.bitcast_convert_type(x, jnp.uint32)
+    exponent = ((raw >> 23) & np.uint32(0xFF)).astype(jnp.int32) - 127
+    gap = jnp.maximum(exponent, int(info.minexp)) - int(info.nmant)
+    scale = lax.bitcast_convert_type(((127 - gap) << 23).astype(jnp.uint32), jnp.float32)
+    unscale = lax.bitcast_convert_type(((127 + gap) << 23).astype(jnp.uint32), jnp.float32)
+    # 13 random bits: x * scale < 2**(nmant + 1) and the sum stays exact in float32.
+    uniform = (bits >> 19).astype(jnp.float32) * np.float32(2.0**-13)
+    rounded = jnp.floor(x * scale + uniform) * unscale
+    rounded = jnp.copysign(rounded, x)  # -0.0 and values that round to zero keep their sign
+    return jnp.where(jnp.isfinite(x), rounded, x).astype(dtype)
+
+
 def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
     r"""Rounds float32 ``x`` to the narrower float ``dtype``, up or down at random, unbiased.
 
@@ -259,13 +286,14 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
       \end{cases}, \qquad \mathbb{E}[\mathrm{SR}(x)] = x,
 
     up to the resolution of the random bits (:math:`2^{-16}` of a gap for
-    bfloat16, :math:`2^{-24}` for other types). Representable values, zeros,
+    bfloat16, :math:`2^{-13}` for float16, :math:`2^{-24}` for other types). Representable values, zeros,
     infinities and NaNs are returned unchanged; values beyond the largest
     finite one round to it or to infinity.
 
     bfloat16 shares float32's exponent: its SR adds 16 random bits below the
-    kept ones and truncates, all in integer arithmetic. Other types (float16,
-    float8) use the two neighbours of the round-to-nearest value.
+    kept ones and truncates, all in integer arithmetic. float16 scales ``x``
+    by its power-of-two gap and floors after adding 13 random bits. Other
+    types (float8) use the two neighbours of the round-to-nearest value.
 
     Args:
       x: a float32 array (wider inputs are first rounded to float32).
@@ -303,6 +331,8 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
         # XLA:CPU from recomputing the rounding in every consumer.)
         kept = (raw + (bits >> 16)) & np.uint32(0xFFFF0000)
         return lax.bitcast_convert_type(kept, jnp.float32).astype(jnp.bfloat16)
+    if dtype == jnp.float16:
+        return _stochastic_round_on_grid(x, dtype, bits)
     nearest = x.astype(dtype)
     near32 = nearest.astype(jnp.float32)
     error = x - near32  # exact: x and near32 are within one gap of each other
