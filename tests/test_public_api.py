@@ -21,8 +21,9 @@ PUBLIC = [
     'tanh_kappa', 'warmup_cosine_schedule', 'worker_state_specs', 'zeros_like_sharded',
 ]
 SUBMODULES = {
-    'lion_optax.hlo': ['Collective', 'Traffic', 'bytes_sent_per_device', 'hlo_collectives',
-                       'memory_traffic', 'tree_bytes'],
+    'lion_optax.hlo': ['Collective', 'TARGETS', 'Traffic', 'bytes_sent_per_device',
+                       'compile_step', 'hlo_collectives', 'memory_traffic', 'target_devices',
+                       'tree_bytes', 'unavailable'],
     'lion_optax.checkpoint': ['CheckpointCorruptError', 'CheckpointMismatchError',
                               'latest_step', 'restore_checkpoint', 'save_checkpoint'],
 }

@@ -178,21 +178,43 @@ def lion_leaf_step(
       A :class:`LeafStep`.
     """
     dtype = compute_dtype(g) if storage.quantized else compute_dtype(g, stored)
-    g = jnp.asarray(g).astype(dtype)
     finite = None
-    if nonfinite == 'zero':
-        if zero_first:
-            g = zero_nonfinite(g)
-        else:
-            finite = jnp.isfinite(g)
-    m_old = momentum_storage.decode(storage, stored, scales, dtype)
+
+    def gradient(g: jax.Array) -> jax.Array:
+        nonlocal finite
+        g = jnp.asarray(g).astype(dtype)
+        if nonfinite == 'zero':
+            if zero_first:
+                g = zero_nonfinite(g)
+            else:
+                finite = jnp.isfinite(g)
+        return g
 
     def guarded(value: jax.Array, value_at_zero_gradient: jax.Array) -> jax.Array:
         return value if finite is None else jnp.where(finite, value, value_at_zero_gradient)
 
-    m_new = keep_unless(step_is_valid, guarded(momentum_update(m_old, g, b2), b2 * m_old), m_old)
+    def new_momentum(stored: jax.Array, scales: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        m_old = momentum_storage.decode(storage, stored, scales, dtype)
+        m_new = guarded(momentum_update(m_old, g, b2), b2 * m_old)
+        return m_old, keep_unless(step_is_valid, m_new, m_old)
+
+    block_maxima = None
+    if storage.quantized and not cpu:
+        # int8's block maxima get a pass of their own; the barrier (on the
+        # inputs as given, so that nothing is materialised) makes the step
+        # recompute the momentum after it: the compiler reads the codes and the
+        # gradient once for the maxima and once for the step, and writes each
+        # output once (else it may split the step around the reduction).
+        maxima = momentum_storage.block_maxima(
+            new_momentum(stored, scales, gradient(g))[1], storage.block_size, cpu=False
+        )
+        stored, scales, g, block_maxima = jax.lax.optimization_barrier((stored, scales, g, maxima))
+    g = gradient(g)
+    m_old, m_new = new_momentum(stored, scales, g)
     bits = rounding_lib.random_bits(word, g.shape, salt=g) if storage.random else None
-    new_stored, new_scales = momentum_storage.encode(storage, m_new, bits, cpu=cpu)
+    new_stored, new_scales = momentum_storage.encode(
+        storage, m_new, bits, cpu=cpu, scales=block_maxima
+    )
     if new_scales is None:
         new_scales = scales  # a float leaf: nothing (or zero-size scales) to update
     if read_back is None:

@@ -148,8 +148,8 @@ def _kernel(
         g = g_ref[...].astype(jnp.float32).T  # (columns, rows)
         if nonfinite_zero:
             g = jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
-        factor = expand(scales_ref[...] * np.float32(1.0 / 127.0))
-        m_old = codes_ref[...].astype(jnp.float32).T * factor
+        # As dequantize_blockwise: codes * scale * (1 / 127), in that order.
+        m_old = codes_ref[...].astype(jnp.float32).T * expand(scales_ref[...]) * np.float32(1.0 / 127.0)
         c = one_minus_b1 * g + b1 * m_old
         m_new = one_minus_b2 * g + b2 * m_old
         m_new = jnp.where(valid, m_new, m_old)

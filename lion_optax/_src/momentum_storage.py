@@ -157,8 +157,19 @@ def _absmax(blocks: jax.Array, *, variadic: bool) -> jax.Array:
 _SMALLEST_SCALE = np.float32(2.0**-120)
 
 
+def block_maxima(x: jax.Array, block_size: int, *, cpu: bool = True) -> jax.Array:
+    """``max |x|`` of each block along the last axis: the scales :func:`quantize_blockwise` uses."""
+    blocks = _blocks(x.astype(jnp.float32), block_length(x.shape[-1], block_size))
+    return _absmax(blocks, variadic=cpu)
+
+
 def quantize_blockwise(
-    x: jax.Array, block_size: int, bits: jax.Array | None = None, *, cpu: bool = True
+    x: jax.Array,
+    block_size: int,
+    bits: jax.Array | None = None,
+    *,
+    cpu: bool = True,
+    scales: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Quantises ``x`` to int8 with one absmax scale per block along the last axis.
 
@@ -179,6 +190,8 @@ def quantize_blockwise(
         (see :func:`lion_optax._src.rounding.random_bits`).
       cpu: write the block maximum in XLA:CPU's form (see ``_absmax``); the
         values are the same.
+      scales: the block maxima of ``x`` when already computed
+        (:func:`block_maxima`, in a pass of their own).
 
     Returns:
       ``(codes, scales)``: int8 codes of ``x``'s shape, float32 scales of
@@ -196,7 +209,8 @@ def quantize_blockwise(
     n = x.shape[-1]
     length = block_length(n, block_size)
     blocks = _blocks(x.astype(jnp.float32), length)
-    scales = _absmax(blocks, variadic=cpu)
+    if scales is None:
+        scales = _absmax(blocks, variadic=cpu)
     # A scale below 2**-120 (or 0) counts as 2**-120: 127 / scale stays finite
     # and a zero block gets zero codes, with no select (a select over the
     # blocks costs the GPU compiler a kernel of its own).
@@ -224,7 +238,10 @@ def dequantize_blockwise(codes: jax.Array, scales: jax.Array, block_size: int) -
     """
     n = codes.shape[-1]
     blocks = _blocks(codes.astype(jnp.float32), block_length(n, block_size))
-    return _unblock(blocks * (scales * np.float32(1.0 / 127.0))[..., None], n)
+    # codes * scale, then / 127 (as a product), element by element: a per-block
+    # scale / 127 would be an array of its own, which the GPU compiler writes
+    # and reads in a kernel of its own (0.25 bytes per parameter).
+    return _unblock(blocks * scales[..., None] * np.float32(1.0 / 127.0), n)
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +326,12 @@ def decode(storage: LeafStorage, stored: Any, scales: Any, dtype: Any) -> jax.Ar
 
 
 def encode(
-    storage: LeafStorage, value: jax.Array, bits: jax.Array | None, *, cpu: bool = True
+    storage: LeafStorage,
+    value: jax.Array,
+    bits: jax.Array | None,
+    *,
+    cpu: bool = True,
+    scales: jax.Array | None = None,
 ) -> tuple[Any, Any]:
     """Stores ``value`` (computed in float32 or wider): ``(stored, scales or None)``.
 
@@ -319,7 +341,7 @@ def encode(
     """
     if storage.quantized:
         return quantize_blockwise(
-            value, storage.block_size, bits if storage.random else None, cpu=cpu
+            value, storage.block_size, bits if storage.random else None, cpu=cpu, scales=scales
         )
     if storage.random:
         assert bits is not None, 'a stochastic, lossy storage needs random bits'
