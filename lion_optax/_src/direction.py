@@ -30,6 +30,7 @@ from lion_optax._src import (
     int8_kernel,
     momentum_storage,
     options,
+    reductions,
     sharding,
     validation,
 )
@@ -80,15 +81,22 @@ def _agreement(u: jax.Array, g: jax.Array) -> jax.Array:
     return (jnp.sign(u) * jnp.sign(g).astype(u.dtype) > 0).astype(u.dtype)
 
 
-def kept_fraction(u: jax.Array, g: jax.Array, nonfinite: str = 'propagate') -> jax.Array:
-    r""":math:`\mathrm{mean}(\phi)`, :math:`\phi = 1[u g > 0]`: the fraction Cautious Lion keeps.
+def kept_fractions(
+    directions: list[jax.Array], grads: list[jax.Array], nonfinite: str = 'propagate'
+) -> list[jax.Array]:
+    r"""Per parameter :math:`\mathrm{mean}(\phi)`, :math:`\phi = 1[u g > 0]`: what Cautious Lion keeps.
 
-    With ``nonfinite='zero'`` a non-finite gradient element counts as 0 (never kept).
+    With ``nonfinite='zero'`` a non-finite gradient element counts as 0 (never
+    kept). Same-shaped parameters share one reduction
+    (:func:`reductions.sums`).
     """
-    g = jnp.asarray(g).astype(u.dtype)
-    if nonfinite == 'zero':
-        g = zero_nonfinite(g)
-    return jnp.mean(_agreement(u, g))
+    agreements = []
+    for u, g in zip(directions, grads):
+        g = jnp.asarray(g).astype(u.dtype)
+        if nonfinite == 'zero':
+            g = zero_nonfinite(g)
+        agreements.append(_agreement(u, g))
+    return [total / a.size for total, a in zip(reductions.sums(agreements), agreements)]
 
 
 def cautious_mask(
@@ -546,10 +554,7 @@ def scale_by_lion(
                 statistics = kappa_fn.statistics(tree_first)
             if cautious_spec is not None:
                 signs = tree_first if kappa_fn.preserves_sign else kappa_fn.fn(tree_first)
-                means = [
-                    kept_fraction(u, g, config.nonfinite)
-                    for u, g, config in zip(jax.tree.leaves(signs), grads, configs)
-                ]
+                means = kept_fractions(jax.tree.leaves(signs), list(grads), nonfinite)
             grads, stored, scales, statistics, means = jax.lax.optimization_barrier(
                 (grads, stored, scales, statistics, means)
             )

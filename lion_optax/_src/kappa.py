@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lion_optax._src import validation
+from lion_optax._src import reductions, validation
 
 PyTree = Any
 
@@ -321,8 +321,8 @@ def scaled_lp_sum(c: jax.Array, inverse_scale: jax.Array, p: float) -> jax.Array
     return jnp.sum(ratio * ratio if p == 2.0 else ratio**p)
 
 
-def scaled_power_sum(c: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
-    r"""``(s, q)`` with :math:`s = \max|c|` and :math:`q = \sum_i |c_i / s|^p`, in one pass.
+def scaled_power_sums(leaves: list[jax.Array], p: float) -> list[tuple[jax.Array, jax.Array]]:
+    r"""Per array ``(s, q)``, :math:`s = \max|c|`, :math:`q = \sum_i |c_i / s|^p`, in one pass.
 
     One variadic reduction (LAPACK's ``nrm2`` scheme): partial results
     :math:`(s_1, q_1), (s_2, q_2)` combine into :math:`s = \max(s_1, s_2)`,
@@ -330,12 +330,11 @@ def scaled_power_sum(c: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
     keeps the sum free of underflow and overflow (``c ~ 1e-25`` would square
     to 0 in float32), and reading ``c`` once lets the compilers compute it in
     the same pass that reads the momentum and the gradient for it (the
-    maximum first, then the scaled sum, would read them twice).
+    maximum first, then the scaled sum, would read them twice). Arrays of the
+    same shape share one reduction (:func:`reduce_leaves`).
     """
-    a = jnp.abs(c)
-    present = (a > 0).astype(a.dtype)
 
-    def combine(x: tuple[jax.Array, jax.Array], y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def combine(x: tuple[jax.Array, ...], y: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         (s1, q1), (s2, q2) = x, y
         s = jnp.maximum(s1, s2)
         safe = jnp.where(s > 0, s, jnp.ones_like(s))
@@ -344,14 +343,17 @@ def scaled_power_sum(c: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
             return s, q1 * (r1 * r1) + q2 * (r2 * r2)
         return s, q1 * r1**p + q2 * r2**p
 
-    zero = jnp.zeros([], a.dtype)
-    return jax.lax.reduce((a, present), (zero, zero), combine, tuple(range(a.ndim)))
+    operands = []
+    for c in leaves:
+        a = jnp.abs(c)
+        operands.append((a, (a > 0).astype(a.dtype)))
+    return [(s, q) for s, q in reductions.reduce_leaves(operands, (0.0, 0.0), combine)]
 
 
 def combine_scaled_power_sums(
     parts: list[tuple[jax.Array, jax.Array]], p: float
 ) -> tuple[jax.Array, jax.Array]:
-    """The ``(s, q)`` of all leaves together from each leaf's :func:`scaled_power_sum`."""
+    """The ``(s, q)`` of all leaves together from each leaf's :func:`scaled_power_sums`."""
     dtype = jnp.result_type(*[s for s, _ in parts])
     scale = jnp.max(jnp.stack([s.astype(dtype) for s, _ in parts]))
     safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
@@ -428,7 +430,7 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
         def statistics(tree: PyTree) -> Any:
             """Per leaf ``(1 / max|c|, ||c / max|c| ||_p)``, of the leaf or of the whole tree."""
             leaves = jax.tree.leaves(tree)
-            sums = [scaled_power_sum(c, p_value) for c in leaves]
+            sums = scaled_power_sums(leaves, p_value)
             if scope == 'global' and sums:
                 sums = [combine_scaled_power_sums(sums, p_value)] * len(sums)
             # The reciprocal and the power are computed once per norm (XLA:CPU

@@ -21,11 +21,15 @@ def all_finite(tree: Any) -> jax.Array:
     """True (a bool scalar) when every element of every leaf is finite.
 
     One fused read per leaf: ``x - x`` is 0 for finite ``x`` and NaN for NaN
-    and +-Inf (it cannot overflow), summed per leaf, then over the leaves. The
-    flag ends in ``exp``: XLA:CPU computes an ``exp`` once and passes its
-    result to every consumer, while it copies cheap scalar arithmetic (the sum
-    over leaves) into each consumer of the flag, which made the compiled step
-    quadratic in the number of leaves (148 leaves: 31 s instead of 2 s).
+    and +-Inf (it cannot overflow). Leaves of the same shape are added element
+    by element before they are summed, so a model's repeated blocks make one
+    reduction per shape, not one per leaf (each reduction is an instruction,
+    and two kernels on GPU, that the compilers spend time on: a GPT-2 tree has
+    148 leaves but 10 shapes); each leaf is still read once. The flag ends in
+    ``exp``: XLA:CPU computes an ``exp`` once and passes its result to every
+    consumer, while it copies cheap scalar arithmetic (the sum over leaves)
+    into each consumer of the flag, which made the compiled step quadratic in
+    the number of leaves (148 leaves: 31 s instead of 2 s).
 
     Example:
       >>> import jax.numpy as jnp
@@ -36,7 +40,11 @@ def all_finite(tree: Any) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.array(True)
-    nan_if_any = sum(jnp.sum(leaf - leaf, dtype=jnp.float32) for leaf in leaves)
+    by_shape: dict[tuple[int, ...], list[jax.Array]] = {}
+    for leaf in leaves:
+        leaf = jnp.asarray(leaf)
+        by_shape.setdefault(leaf.shape, []).append((leaf - leaf).astype(jnp.float32))
+    nan_if_any = sum(jnp.sum(sum(group[1:], group[0])) for group in by_shape.values())
     return jnp.exp(nan_if_any) == 1.0
 
 
