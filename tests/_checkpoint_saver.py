@@ -97,7 +97,8 @@ def abstract_state():
 @jax.jit
 def advance(state):
     """One training step, with gradients that depend on the params and the step."""
-    grads = jax.tree.map(lambda p: jnp.sin(3.0 * p + state['i']), state['params'])
+    grads = jax.tree.map(
+        lambda p: jnp.sin(3.0 * p + state['i'].astype(p.dtype)), state['params'])
     updates, opt_state = _tx().update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     return dict(state, params=params, opt_state=opt_state, i=state['i'] + 1)

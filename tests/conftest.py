@@ -21,12 +21,33 @@ if os.environ.get('LION_OPTAX_TEST_JAX_CACHE', '1') != '0':
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Strict, as optimistix's suite: no implicit dtype promotion between array types (a
+# float32 step silently computed in float64, a bf16 momentum promoted to float32) and
+# no implicit rank broadcasting, in lion_optax's code. optax 0.2.8 itself is not
+# strict (its schedules compute 0.1 * count with an int32 count, MultiSteps and
+# apply_updates mix dtypes), so tests that run such optax code say so with
+# @pytest.mark.optax_promotion and run with standard promotion; processes the tests
+# start (README blocks, notebooks, the main job) are user code and run as users do.
+jax.config.update('jax_numpy_dtype_promotion', 'strict')
+jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 # Fixtures that start processes (eight simulated devices, two jax.distributed
 # processes, a checkpoint saver to kill, the main job's tiny run): a test that uses
 # one is end-to-end, so `pytest -m "not slow"` leaves it out.
 PROCESS_FIXTURES = frozenset({'eight_devices', 'saver_server', 'tiny_run', 'readme_block_results'})
+
+
+@pytest.fixture(autouse=True)
+def _promotion(request):
+    """Standard dtype promotion for the tests marked optax_promotion (see above)."""
+    if request.node.get_closest_marker('optax_promotion') is None:
+        yield
+        return
+    with jax.numpy_dtype_promotion('standard'):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -147,6 +147,7 @@ def test_decay_still_applies_to_masked_coordinates():
     np.testing.assert_allclose(float(updates['w'][0]), -0.1 * (1 / 0.501 + 0.5 * 2.0), rtol=1e-6)
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 def test_alias_equals_hand_built_chain():
     lr = optax.schedules.cosine_decay_schedule(1e-2, 10)
     alias = lion_optax.lion(lr, weight_decay=0.2, cautious=True)

@@ -576,7 +576,7 @@ def _step_fn(variant):
         x, y = _batch(state['step'])
 
         def loss(params):
-            hidden = jnp.tanh(x.astype(params['w1'].dtype) @ params['w1'] + params['b1'])
+            hidden = jnp.tanh(x.astype(params['w1'].dtype) @ params['w1'] + params['b1'][None, :])
             return jnp.mean((hidden @ params['w2'] - y) ** 2)
 
         grads = jax.grad(loss)(state['params'])
@@ -611,6 +611,7 @@ def _resume_in_child(directory):
 
 
 @pytest.mark.slow  # a second Python process
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 def test_resume_in_new_process_is_bitwise_identical(tmp_path):
     references = {}
     for variant in _variants():

@@ -192,6 +192,7 @@ def test_schedule_equals_constant(name):
     chex.assert_trees_all_close(a, b, rtol=1e-6)
 
 
+@pytest.mark.optax_promotion  # optax's MultiSteps mixes int32 and float32
 @variants
 def test_multisteps_accumulates(name):
     params, loss = _problem()
@@ -211,6 +212,7 @@ def test_multisteps_accumulates(name):
 @pytest.mark.parametrize('param_dtype, grad_dtype', [
     (jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16),
 ])
+@pytest.mark.optax_promotion  # optax's apply_updates adds bf16 and float32
 def test_scan_keeps_state_dtypes(name, param_dtype, grad_dtype):
     params, loss = _problem(param_dtype)
     tx = VARIANTS[name](**HYPERPARAMS)
@@ -313,6 +315,7 @@ def test_the_jitted_step_compiles_once(name, init, committed):
     assert step._cache_size() == 1
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 @variants
 def test_converges_to_the_known_optimum(name):
     """sum((x - 0.3)**2) from afar, no decay, a cosine schedule to 0: x ends at 0.3.

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import lion_optax
 from lion_optax._src.reference import lion_reference
@@ -11,6 +12,7 @@ from lion_optax._src.reference import lion_reference
 from _helpers import from_leaves, random_grads, random_params, to_leaves
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 def test_float64_trajectory_equals_reference_to_float64_rounding():
     with jax.enable_x64(True):
         schedule = optax.schedules.cosine_decay_schedule(1e-2, 150)

@@ -67,6 +67,7 @@ def test_raise_mode_raises_naming_the_value_and_the_step():
         jax.block_until_ready(jax.jit(tx.update)(GRADS, state, PARAMS))
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 def test_valid_steps_under_vmap_do_not_warn():
     """Under vmap the cond becomes a select that runs the callback: it must check."""
     schedule = optax.schedules.cosine_decay_schedule(0.1, 10)
@@ -128,3 +129,19 @@ def test_python_scalar_and_numpy_parameters_work_as_under_jit(options):
     theirs, _ = optax.lion(0.1).update(grads, optax.lion(0.1).init(params), params)
     if not options:
         chex.assert_trees_all_close(eager, theirs)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: lion_optax.scale_by_lion(),
+    lambda: lion_optax.add_decoupled_weight_decay(0.1),
+    lambda: lion_optax.round_updates_to_params(),
+    lambda: lion_optax.skip_nonfinite(lion_optax.lion(0.1)),
+    lambda: lion_optax.monitor_signs(lion_optax.scale_by_lion()),
+], ids=['scale_by_lion', 'add_decoupled_weight_decay', 'round_updates_to_params',
+        'skip_nonfinite', 'monitor_signs'])
+def test_every_public_stage_takes_python_scalars_outside_jit(make):
+    params, grads = {'s': 1.0, 'a': np.ones(3, np.float32)}, {'s': 2.0, 'a': np.ones(3, np.float32)}
+    tx = make()
+    eager, _ = tx.update(grads, tx.init(params), params)
+    jitted, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    chex.assert_trees_all_close(eager, jitted)

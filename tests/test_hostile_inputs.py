@@ -279,6 +279,7 @@ def _accumulate(tx, grads):
     return history
 
 
+@pytest.mark.optax_promotion  # optax's MultiSteps mixes int32 and float32
 def test_multisteps_with_skip_not_finite_loses_only_the_bad_micro_step():
     """The documented recipe: MultiSteps(lion, k, should_skip_update_fn=optax.skip_not_finite).
 

@@ -138,6 +138,7 @@ class ReferenceTrajectoryTest(chex.TestCase):
             )
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 class OptaxParityTest(chex.TestCase):
     """Names shared with optax.scale_by_lion(mode=...) give optax's numbers."""
 

@@ -115,6 +115,7 @@ def test_zero_mode_protects_every_momentum_storage(mu_dtype):
     assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves((updates, state)))
 
 
+@pytest.mark.optax_promotion  # optax's adam: bias correction mixes int32 and float32
 def test_skip_nonfinite_wraps_any_transformation_and_never_lets_nan_through():
     tx = lion_optax.skip_nonfinite(optax.adam(0.1))
     params = jnp.ones(3)

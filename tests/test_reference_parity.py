@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import parameterized
 
 import lion_optax
@@ -49,6 +50,7 @@ def _reference_kwargs(case):
     return kwargs
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 class ReferenceParityTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -128,6 +130,7 @@ class ReferenceParityTest(chex.TestCase):
             )
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 class OptaxParityTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -173,6 +176,7 @@ class OptaxParityTest(chex.TestCase):
         self.assertEqual(float(history[1]['x'][0]), 0.0)
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 def test_jit_and_no_jit_trace_once():
     tx = lion_optax.lion(SCHEDULE, weight_decay=0.1)
     update = jax.jit(chex.assert_max_traces(tx.update, n=1))

@@ -19,6 +19,7 @@ def test_default_factor_is_three_and_builds_lion():
     lion_optax.lion(**hp._asdict())
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 def test_schedule_keeps_its_shape():
     adamw = optax.schedules.warmup_cosine_decay_schedule(1e-5, 1e-3, 10, 100, 1e-4)
     lion = lion_optax.adamw_to_lion(adamw, 0.1, factor=5).learning_rate

@@ -40,6 +40,7 @@ def test_fully_decoupled_follows_the_schedule_shape():
     np.testing.assert_allclose(params, [expected], rtol=1e-6)
 
 
+@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
 def test_weight_decay_schedule_is_followed():
     wd = optax.schedules.piecewise_constant_schedule(0.5, {2: 0.0})
     params = _run(lion_optax.lion(0.1, weight_decay=wd), jnp.ones(1), steps=4)

@@ -30,6 +30,7 @@ import numpy as np
 from lion_optax._src import kappa as kappa_lib
 from lion_optax._src import validation
 from lion_optax._src import weight_decay as weight_decay_lib
+from lion_optax._src.numerics import compute_dtype
 
 PyTree = Any
 
@@ -96,7 +97,7 @@ class ConstraintDiagnostics(NamedTuple):
 
 def _norm(x: jax.Array, q: float) -> jax.Array:
     """``||x||_q`` in float32 (or wider), computed from ``x / max|x|`` (no overflow)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(compute_dtype(x))
     scale = kappa_lib.max_abs(x)
     if q == math.inf:
         return scale

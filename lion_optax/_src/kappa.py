@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from lion_optax._src import reductions, validation
+from lion_optax._src.numerics import compute_dtype
 
 PyTree = Any
 
@@ -354,7 +355,7 @@ def combine_scaled_power_sums(
     parts: list[tuple[jax.Array, jax.Array]], p: float
 ) -> tuple[jax.Array, jax.Array]:
     """The ``(s, q)`` of all leaves together from each leaf's :func:`scaled_power_sums`."""
-    dtype = jnp.result_type(*[s for s, _ in parts])
+    dtype = compute_dtype(*[s for s, _ in parts])
     scale = jnp.max(jnp.stack([s.astype(dtype) for s, _ in parts]))
     safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     total = jnp.zeros([], dtype)
