@@ -82,22 +82,34 @@ def test_pack_unpack_round_trip_at_the_extremes(base):
 
 
 @pytest.mark.parametrize('method', ['vote', 'average'])
-def test_unpacking_divides_bytes_not_words(method):
+def test_unpacking_needs_one_division_per_16_bit_part(method):
     """The speed of the aggregation on the CPU, as a structural fact: a word's 20
-    ternary digits come from one uint32 division into 16-bit halves, then bytes
-    (``unpack_planes``), instead of 19 uint32 divisions, which XLA repeated for
-    every digit plane it wrote (38 per step before)."""
+    ternary digits come from one uint32 division (into two 16-bit parts) and
+    float arithmetic (``unpack_digit_planes``), not from 19 chained integer
+    divisions, which XLA put in a kernel each (38 divisions a step before)."""
     import re
 
     tx = lion_optax.aggregate_signs('workers', method=method)
     step = jax.jit(jax.vmap(lambda u: tx.update(u, tx.init(u))[0], axis_name='workers'))
-    text = step.lower({'w': jnp.ones((2, 10_000))}).compile().as_text()
-    wide = re.findall(r'= u32\[[^\]]*\]\S* (?:divide|remainder)\(', text)
-    narrow = re.findall(r'= u8\[[^\]]*\]\S* (?:divide|remainder)\(', text)
-    # Two unpackings (the received signs, the gathered result), each at most one
-    # division and one remainder per 16-bit part boundary: 1 for base 3, 2 for base 5.
-    assert len(wide) <= (4 if method == 'vote' else 6), len(wide)
-    assert narrow  # the digits themselves come from bytes
+    text = step.lower({'w': jnp.ones((2, 10_000)), 'b': jnp.ones((2, 30))}).compile().as_text()
+    divisions = re.findall(r'= [us]\d+\[[^\]]*\]\S* (?:divide|remainder)\(', text)
+    # Two unpackings (the received signs, the gathered result): one part boundary
+    # for base 3 (10 + 10 digits), two for the average's base 5 (6 + 6 + 1).
+    assert len(divisions) <= (2 if method == 'vote' else 3), divisions
+
+
+def test_leaves_are_packed_in_whole_words():
+    """sign_layout with the leaves' sizes gives the exact padding of aggregate_signs
+    (each leaf in whole words of 20 signs); with their total, the one-leaf case."""
+    assert lion_optax.sign_layout(3, 1).shard_digits == 20
+    assert lion_optax.sign_layout([1, 1, 1], 1).shard_digits == 60
+    assert lion_optax.sign_layout([40, 0, 20], 2).shard_digits == 40
+    # Slices hold whole result words: lcm(20, 13) = 260 digits for the average at N = 2.
+    assert lion_optax.sign_layout([1], 2, 'average').shard_digits == 260
+    with pytest.raises(ValueError, match='leaf sizes'):
+        lion_optax.sign_layout([0, 0], 2)
+    with pytest.raises(ValueError, match='leaf sizes'):
+        lion_optax.sign_layout([5, -1], 2)
 
 
 # --- traffic analysis -------------------------------------------------------
