@@ -155,16 +155,16 @@ def _aggregate_with_vmap(tx, directions):
     return jax.jit(jax.vmap(lambda u: tx.update(u, tx.init(u))[0], axis_name='workers'))(directions)
 
 
+@pytest.mark.parametrize('workers', [8, 20])  # 20: past the vote's unrolled count (16)
 @pytest.mark.parametrize('method', ['vote', 'average'])
-def test_aggregate_signs_matches_numpy_with_ties_zeros_and_nan(method):
+def test_aggregate_signs_matches_numpy_with_ties_zeros_and_nan(method, workers):
     rng = np.random.default_rng(0)
-    workers = 8
     u = {
         'a': rng.normal(size=(workers, 9, 5)).astype(np.float32),
         'b': np.sign(rng.normal(size=(workers, 11))).astype(np.float32),
     }
     u['a'][:, 0, :] = 0.0  # sign(0) = 0 everywhere
-    u['b'][:4, 0], u['b'][4:, 0] = 1.0, -1.0  # an exact tie
+    u['b'][: workers // 2, 0], u['b'][workers // 2 :, 0] = 1.0, -1.0  # an exact tie
     u['a'][2, 1, 1] = np.nan  # worker 2 abstains on this coordinate
     out = _aggregate_with_vmap(lion_optax.aggregate_signs('workers', method=method), u)
     for k, v in u.items():

@@ -92,26 +92,44 @@ def unpack_digit_planes(words: jax.Array, base: int, count: int) -> jax.Array:
     ``1 / (2 base**j)`` of ``(h + 1/2) / base**j`` to an integer), and
     ``digit_j = q_j - base * floor((q_j + 1/2) / base)``.
     """
-    per_part = digits_per_word(base, 16)
-    if per_part == 0:  # base > 2**16: a word holds one digit
+    parts = _parts(words, base, count)
+    if parts is None:  # base > 2**16: a word holds one digit
         return words[..., None, :]
-    sizes = [per_part] * (count // per_part) + ([count % per_part] if count % per_part else [])
-    parts, rest = [], words.astype(jnp.uint32)
-    for i, size in enumerate(sizes):
-        if i == len(sizes) - 1:
-            parts.append(rest)
-        else:
-            high = rest // jnp.uint32(base**size)
-            parts.append(rest - high * jnp.uint32(base**size))
-            rest = high
     dtype = jnp.uint8 if base <= 256 else jnp.uint16
     planes = []
-    for part, size in zip(parts, sizes):
+    for part, size in parts:
         h = part.astype(jnp.float32)[..., None, :] + 0.5
         inverse = jnp.asarray([float(base) ** -j for j in range(size)], jnp.float32)[:, None]
         q = jnp.floor(h * inverse)
         planes.append((q - base * jnp.floor((q + 0.5) * (1.0 / base))).astype(dtype))
     return planes[0] if len(planes) == 1 else jnp.concatenate(planes, axis=-2)
+
+
+def _parts(words: jax.Array, base: int, count: int) -> list[tuple[jax.Array, int]] | None:
+    """``words`` split into parts below ``2**16`` (one integer division per part boundary).
+
+    Returns ``(part, digits in it)`` pairs, lowest digits first, or None when
+    a digit does not fit 16 bits (then a word holds one digit).
+    """
+    per_part = digits_per_word(base, 16)
+    if per_part == 0:
+        return None
+    sizes = [per_part] * (count // per_part) + ([count % per_part] if count % per_part else [])
+    parts, rest = [], words.astype(jnp.uint32)
+    for i, size in enumerate(sizes):
+        if i == len(sizes) - 1:
+            parts.append((rest, size))
+        else:
+            high = rest // jnp.uint32(base**size)
+            parts.append((rest - high * jnp.uint32(base**size), size))
+            rest = high
+    return parts
+
+
+def _digit(half: jax.Array, base: int, j: int) -> jax.Array:
+    """Digit ``j`` of a part as float32, from ``half = part + 1/2`` (see unpack_digit_planes)."""
+    q = jnp.floor(half * (float(base) ** -j))
+    return q - base * jnp.floor((q + 0.5) * (1.0 / base))
 
 
 def pack_digits(digits: jax.Array, base: int) -> jax.Array:
@@ -245,34 +263,62 @@ def _pack_leaf(update: jax.Array, per_word: int) -> jax.Array:
     words = -(-size // per_word)
     digits = (_ternary(update).reshape(-1) + 1).astype(jnp.uint8)
     planes = jnp.pad(digits, (0, per_word * words - size)).reshape(per_word, words)
-    return pack_digit_planes(planes, 3)
+    word = jnp.zeros((words,), jnp.uint32)
+    for j in reversed(range(per_word)):  # Horner: one loop over the words, no reduction
+        word = word * jnp.uint32(3) + planes[j].astype(jnp.uint32)
+    return word
 
 
-def _combine(words: jax.Array, axis_name: str, layout: SignLayout) -> jax.Array:
+def _count(received: jax.Array, layout: SignLayout) -> jax.Array:
+    """The packed results of one worker's slice from every worker's packed signs.
+
+    ``received`` is ``(N, words)``. The vote (its result has the signs'
+    format) is counted and packed digit by digit in one loop over the words:
+    no array of digits is made, and no reduction over a digit axis, which
+    XLA:CPU does not vectorise. The average's results have another base, so
+    they are laid out first, as ``(digit j, word k)`` in order.
+    """
+    n = layout.num_workers
+    parts = _parts(received, layout.in_base, layout.in_per_word)
+    assert parts is not None  # base 3
+    if layout.method == 'vote' and n <= 16:
+        word = jnp.zeros(received.shape[1:], jnp.uint32)
+        weight = 1
+        for part, size in parts:
+            half = part.astype(jnp.float32) + 0.5
+            for j in range(size):
+                digits = _digit(half, layout.in_base, j)  # sign + 1 of every worker
+                total = sum(digits[i] for i in range(n))  # exact small integers
+                vote = (jnp.sign(total - n) + 1).astype(jnp.uint32)
+                word = word + vote * jnp.uint32(weight)
+                weight *= layout.in_base
+        return word
+    digits = unpack_digit_planes(received, layout.in_base, layout.in_per_word)
+    totals = jnp.sum(digits.astype(jnp.int32), axis=0)  # (in_per_word, words) in [0, 2N]
+    result = jnp.sign(totals - n) + 1 if layout.method == 'vote' else totals
+    return pack_digit_planes(result.reshape(layout.out_per_word, -1), layout.out_base)
+
+
+def _combine(words: jax.Array, total: int, axis_name: str, layout: SignLayout) -> jax.Array:
     """The two collectives: every leaf's packed signs -> the aggregated digits.
 
-    ``words`` (all leaves' words, concatenated) is cut into one slice per
-    worker; each worker sums the digits of its slice from every worker (the
-    sum of ``sign + 1``, in ``[0, 2N]``) and packs the result (the vote or
-    the sum itself) for the ``all_gather``. Returns the result digits as
-    ``(in_per_word, words)``: column ``g`` holds the digits of word ``g``.
+    ``words`` (all leaves' words, then padding: ``(N * shard_digits / 20,)``)
+    is cut into one slice per worker; each worker sums the digits of its
+    slice from every worker (the sum of ``sign + 1``, in ``[0, 2N]``) and
+    packs the result (the vote or the sum itself) for the ``all_gather``.
+    Returns the result digits as ``(in_per_word, total)``: column ``g``
+    holds the digits of word ``g``.
     """
-    n, total = layout.num_workers, words.shape[0]
+    n = layout.num_workers
     chunk = layout.shard_digits // layout.in_per_word
-    words = jnp.pad(words, (0, n * chunk - total)).reshape(n, chunk)
     manual = is_manual(axis_name)
+    words = words.reshape(n, chunk)
     if manual and not is_varying(words, axis_name):
         words = jax.lax.pcast(words, axis_name, to='varying')
     # Row j of `received` holds worker j's signs for this worker's slice.
     received = jax.lax.all_to_all(words, axis_name, 0, 0, tiled=True)
-    digits = unpack_digit_planes(received, layout.in_base, layout.in_per_word)
-    totals = jnp.sum(digits.astype(jnp.int32), axis=0)  # (in_per_word, chunk)
-    result = jnp.sign(totals - n) + 1 if layout.method == 'vote' else totals
-    # The slice's results in the order (digit j, word k), packed out_per_word a word.
-    result = result.reshape(layout.out_per_word, -1)
-    packed = pack_digit_planes(result, layout.out_base)
     gathered = jax.lax.all_gather(
-        packed, axis_name, tiled=True, to='invarying' if manual else 'varying'
+        _count(received, layout), axis_name, tiled=True, to='invarying' if manual else 'varying'
     ).reshape(n, -1)
     values = unpack_digit_planes(gathered, layout.out_base, layout.out_per_word)
     values = values.reshape(n, layout.in_per_word, chunk).transpose(1, 0, 2)
@@ -351,11 +397,21 @@ def aggregate_signs(
             return updates, state
         layout = sign_layout(sizes, jax.lax.axis_size(axis_name), method)
         per_word = layout.in_per_word
-        words = jnp.concatenate([_pack_leaf(leaf, per_word) for leaf in leaves])
-        digits = _combine(words, axis_name, layout)
+        # Every leaf's words written in place into one buffer (a concatenation
+        # would make XLA:CPU choose the operand of every element in one loop).
+        counts = _leaf_words(sizes, per_word)
+        words = jnp.zeros((layout.num_workers * layout.shard_digits // per_word,), jnp.uint32)
+        if is_manual(axis_name):
+            words = jax.lax.pcast(words, axis_name, to='varying')
+        start = 0
+        for leaf, count in zip(leaves, counts):
+            if count:
+                words = jax.lax.dynamic_update_slice(words, _pack_leaf(leaf, per_word), (start,))
+            start += count
+        digits = _combine(words, start, axis_name, layout)
         offset = 1 if method == 'vote' else layout.num_workers
         out, start = [], 0
-        for leaf, size, count in zip(leaves, sizes, _leaf_words(sizes, per_word)):
+        for leaf, size, count in zip(leaves, sizes, counts):
             part = digits[:, start : start + count].reshape(-1)[:size]
             start += count
             part = part.astype(jnp.int32).reshape(jnp.shape(leaf)) - offset
