@@ -119,3 +119,11 @@ def test_rates_are_parsed_and_bad_ones_refused():
 def test_the_config_travels_as_json():
     config = slow_link.full_config()
     assert slow_link.Config.from_json(config.to_json()) == config
+
+
+def test_a_missing_namespace_is_explained(monkeypatch):
+    """Where the tools are missing, the reason names them and how to get them (the
+    fixture above skips with it)."""
+    monkeypatch.setattr(slow_link.shutil, 'which', lambda tool: None)
+    problem = slow_link.namespace_problem()
+    assert problem and 'unshare' in problem and 'tc' in problem and 'apt-get' in problem
