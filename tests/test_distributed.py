@@ -68,7 +68,7 @@ def test_digits_per_word_is_the_largest_that_fits_uint32(base, expected):
     assert base**k <= 2**32 < base ** (k + 1)
 
 
-@pytest.mark.parametrize('base', [3, 17, 513])
+@pytest.mark.parametrize('base', [3, 5, 17, 257, 513])
 def test_pack_unpack_round_trip_at_the_extremes(base):
     k = sign_aggregation.digits_per_word(base)
     rng = np.random.default_rng(base)
@@ -79,6 +79,37 @@ def test_pack_unpack_round_trip_at_the_extremes(base):
     assert words.dtype == jnp.uint32
     assert int(words[0]) == base**k - 1
     np.testing.assert_array_equal(sign_aggregation.unpack_digits(words, base, k), digits)
+
+
+@pytest.mark.parametrize('method', ['vote', 'average'])
+def test_unpacking_needs_one_division_per_16_bit_part(method):
+    """The speed of the aggregation on the CPU, as a structural fact: a word's 20
+    ternary digits come from one uint32 division (into two 16-bit parts) and
+    float arithmetic (``unpack_digit_planes``), not from 19 chained integer
+    divisions, which XLA put in a kernel each (38 divisions a step before)."""
+    import re
+
+    tx = lion_optax.aggregate_signs('workers', method=method)
+    step = jax.jit(jax.vmap(lambda u: tx.update(u, tx.init(u))[0], axis_name='workers'))
+    text = step.lower({'w': jnp.ones((2, 10_000)), 'b': jnp.ones((2, 30))}).compile().as_text()
+    divisions = re.findall(r'= [us]\d+\[[^\]]*\]\S* (?:divide|remainder)\(', text)
+    # Two unpackings (the received signs, the gathered result): one part boundary
+    # for base 3 (10 + 10 digits), two for the average's base 5 (6 + 6 + 1).
+    assert len(divisions) <= (2 if method == 'vote' else 3), divisions
+
+
+def test_leaves_are_packed_in_whole_words():
+    """sign_layout with the leaves' sizes gives the exact padding of aggregate_signs
+    (each leaf in whole words of 20 signs); with their total, the one-leaf case."""
+    assert lion_optax.sign_layout(3, 1).shard_digits == 20
+    assert lion_optax.sign_layout([1, 1, 1], 1).shard_digits == 60
+    assert lion_optax.sign_layout([40, 0, 20], 2).shard_digits == 40
+    # Slices hold whole result words: lcm(20, 13) = 260 digits for the average at N = 2.
+    assert lion_optax.sign_layout([1], 2, 'average').shard_digits == 260
+    with pytest.raises(ValueError, match='leaf sizes'):
+        lion_optax.sign_layout([0, 0], 2)
+    with pytest.raises(ValueError, match='leaf sizes'):
+        lion_optax.sign_layout([5, -1], 2)
 
 
 # --- traffic analysis -------------------------------------------------------
@@ -124,16 +155,16 @@ def _aggregate_with_vmap(tx, directions):
     return jax.jit(jax.vmap(lambda u: tx.update(u, tx.init(u))[0], axis_name='workers'))(directions)
 
 
+@pytest.mark.parametrize('workers', [8, 20])  # 20: past the vote's unrolled count (16)
 @pytest.mark.parametrize('method', ['vote', 'average'])
-def test_aggregate_signs_matches_numpy_with_ties_zeros_and_nan(method):
+def test_aggregate_signs_matches_numpy_with_ties_zeros_and_nan(method, workers):
     rng = np.random.default_rng(0)
-    workers = 8
     u = {
         'a': rng.normal(size=(workers, 9, 5)).astype(np.float32),
         'b': np.sign(rng.normal(size=(workers, 11))).astype(np.float32),
     }
     u['a'][:, 0, :] = 0.0  # sign(0) = 0 everywhere
-    u['b'][:4, 0], u['b'][4:, 0] = 1.0, -1.0  # an exact tie
+    u['b'][: workers // 2, 0], u['b'][workers // 2 :, 0] = 1.0, -1.0  # an exact tie
     u['a'][2, 1, 1] = np.nan  # worker 2 abstains on this coordinate
     out = _aggregate_with_vmap(lion_optax.aggregate_signs('workers', method=method), u)
     for k, v in u.items():

@@ -21,9 +21,10 @@ How the signs travel (per device, for ``P`` parameters and ``N`` workers):
    parameter. A 1-bit code would send 37% less but would have to move
    every coordinate whose direction is exactly 0 (an embedding row that
    never gets a gradient, a masked parameter), which plain Lion leaves still.
-2. An ``all_to_all`` sends worker ``j`` the packed signs of the ``j``-th
-   ``1/N`` slice of the parameters, from every worker: ``(N-1)/N * 0.2 P``
-   bytes sent per device.
+   Each leaf is packed on its own, in whole words (at most 19 signs of
+   padding a leaf), so no flat copy of all the signs is made.
+2. An ``all_to_all`` sends worker ``j`` the ``j``-th ``1/N`` slice of
+   every worker's packed words: ``(N-1)/N * 0.2 P`` bytes sent per device.
 3. Each worker counts the votes of its slice (exact integers in ``[-N, N]``)
    and packs the result: the vote again as ternary digits (1.6 bits), the
    average as digits of base ``2N+1`` (``floor(32 / log2(2N+1))`` per word,
@@ -41,6 +42,7 @@ numbers (padding included) for any model and ``N``.
 """
 
 import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import jax
@@ -56,33 +58,93 @@ METHODS = ('vote', 'average')
 # Packing small integers into uint32 words.
 
 
-def digits_per_word(base: int) -> int:
-    """How many digits of ``base`` fit in one ``uint32`` (``base**k <= 2**32``)."""
+def digits_per_word(base: int, bits: int = 32) -> int:
+    """How many digits of ``base`` fit in one word of ``bits`` bits (``base**k <= 2**bits``)."""
     k = 0
-    while base ** (k + 1) <= 2**32:
+    while base ** (k + 1) <= 2**bits:
         k += 1
     return k
 
 
+def pack_digit_planes(digits: jax.Array, base: int) -> jax.Array:
+    """Packs ``digits`` of shape ``(..., count, W)`` (values in ``[0, base)``) into uint32.
+
+    Word ``k`` is ``sum_j digits[..., j, k] * base**j``, with ``count`` at most
+    :func:`digits_per_word`, so the packed value never overflows.
+    """
+    count = digits.shape[-2]
+    weights = jnp.asarray([base**j for j in range(count)], jnp.uint32)[:, None]
+    return jnp.sum(digits.astype(jnp.uint32) * weights, axis=-2, dtype=jnp.uint32)
+
+
+def unpack_digit_planes(words: jax.Array, base: int, count: int) -> jax.Array:
+    """Inverse of :func:`pack_digit_planes`: ``(..., W)`` words -> ``(..., count, W)`` digits.
+
+    The digits are uint8 (uint16 for a base above 256). Why not ``count``
+    integer divisions of each word: on the CPU a uint32 division by a
+    constant vectorises poorly (it needs a 64-bit product), and XLA puts each
+    digit's chain of divisions in a kernel of its own (about 40 per step).
+    Here one division splits each word into 16-bit parts (``3**10 < 2**16``:
+    two parts of 10 ternary digits), and the digits of a part ``h < 2**16``
+    come from float32 arithmetic in one broadcast kernel:
+    ``q_j = floor((h + 1/2) / base**j)`` is exact (the rounding error,
+    below ``2**16 * 2**-23 / base**j``, is smaller than the distance
+    ``1 / (2 base**j)`` of ``(h + 1/2) / base**j`` to an integer), and
+    ``digit_j = q_j - base * floor((q_j + 1/2) / base)``.
+    """
+    parts = _parts(words, base, count)
+    if parts is None:  # base > 2**16: a word holds one digit
+        return words[..., None, :]
+    dtype = jnp.uint8 if base <= 256 else jnp.uint16
+    planes = []
+    for part, size in parts:
+        h = part.astype(jnp.float32)[..., None, :] + 0.5
+        inverse = jnp.asarray([float(base) ** -j for j in range(size)], jnp.float32)[:, None]
+        q = jnp.floor(h * inverse)
+        planes.append((q - base * jnp.floor((q + 0.5) * (1.0 / base))).astype(dtype))
+    return planes[0] if len(planes) == 1 else jnp.concatenate(planes, axis=-2)
+
+
+def _parts(words: jax.Array, base: int, count: int) -> list[tuple[jax.Array, int]] | None:
+    """``words`` split into parts below ``2**16`` (one integer division per part boundary).
+
+    Returns ``(part, digits in it)`` pairs, lowest digits first, or None when
+    a digit does not fit 16 bits (then a word holds one digit).
+    """
+    per_part = digits_per_word(base, 16)
+    if per_part == 0:
+        return None
+    sizes = [per_part] * (count // per_part) + ([count % per_part] if count % per_part else [])
+    parts, rest = [], words.astype(jnp.uint32)
+    for i, size in enumerate(sizes):
+        if i == len(sizes) - 1:
+            parts.append((rest, size))
+        else:
+            high = rest // jnp.uint32(base**size)
+            parts.append((rest - high * jnp.uint32(base**size), size))
+            rest = high
+    return parts
+
+
+def _digit(half: jax.Array, base: int, j: int) -> jax.Array:
+    """Digit ``j`` of a part as float32, from ``half = part + 1/2`` (see unpack_digit_planes)."""
+    q = jnp.floor(half * (float(base) ** -j))
+    return q - base * jnp.floor((q + 0.5) * (1.0 / base))
+
+
 def pack_digits(digits: jax.Array, base: int) -> jax.Array:
-    """Packs the last axis of ``digits`` (uint32 values in ``[0, base)``) into one uint32.
+    """Packs the last axis of ``digits`` (values in ``[0, base)``) into one uint32.
 
     Digit ``j`` has weight ``base**j``; the last axis must be at most
     :func:`digits_per_word` long, so the packed value never overflows.
     """
-    word = jnp.zeros(digits.shape[:-1], jnp.uint32)
-    for j in reversed(range(digits.shape[-1])):
-        word = word * jnp.uint32(base) + digits[..., j]
-    return word
+    return pack_digit_planes(digits[..., None], base)[..., 0]
 
 
 def unpack_digits(words: jax.Array, base: int, count: int) -> jax.Array:
-    """Inverse of :func:`pack_digits`: a new last axis of ``count`` digits."""
-    digits = []
-    for _ in range(count):
-        digits.append(words % jnp.uint32(base))
-        words = words // jnp.uint32(base)
-    return jnp.stack(digits, axis=-1)
+    """Inverse of :func:`pack_digits`: a new last axis of ``count`` uint32 digits."""
+    planes = unpack_digit_planes(words[..., None], base, count)
+    return jnp.swapaxes(planes, -1, -2)[..., 0, :].astype(jnp.uint32)
 
 
 # ---------------------------------------------------------------------------
@@ -126,11 +188,20 @@ class SignLayout(NamedTuple):
         return 2.0 * (n - 1) / n * 4.0 * self.num_params
 
 
-def sign_layout(num_params: int, num_workers: int, method: Method = 'vote') -> SignLayout:
+def _leaf_words(sizes: Sequence[int], per_word: int) -> list[int]:
+    """Words per leaf: each leaf is packed on its own, in whole words."""
+    return [-(-size // per_word) for size in sizes]
+
+
+def sign_layout(
+    num_params: int | Sequence[int], num_workers: int, method: Method = 'vote'
+) -> SignLayout:
     """The packing and traffic of :func:`aggregate_signs` for a model and a worker count.
 
     Args:
-      num_params: the parameters' total number of elements.
+      num_params: the parameters' total number of elements, or the sizes of
+        their leaves (each leaf is packed in whole words of 20 signs, so the
+        leaves give the exact padding; at most 19 signs a leaf).
       num_workers: the size of the data axis.
       method: ``'vote'`` or ``'average'``.
 
@@ -145,16 +216,23 @@ def sign_layout(num_params: int, num_workers: int, method: Method = 'vote') -> S
       20.0
     """
     validation.check_choice('method', method, METHODS)
-    for name, value in (('num_params', num_params), ('num_workers', num_workers)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f'{name} must be a positive int, got {value!r}.')
+    sizes = [num_params] if isinstance(num_params, int) else list(num_params)
+    if not sizes or any(not isinstance(v, int) or v < 0 for v in sizes) or sum(sizes) < 1:
+        raise ValueError(
+            f'num_params must be a positive int or a sequence of leaf sizes (ints >= 0, '
+            f'at least one element in all), got {num_params!r}.'
+        )
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f'num_workers must be a positive int, got {num_workers!r}.')
     in_base = 3
     out_base = 3 if method == 'vote' else 2 * num_workers + 1
     in_per_word, out_per_word = digits_per_word(in_base), digits_per_word(out_base)
-    block = math.lcm(in_per_word, out_per_word)
-    shard = -(-num_params // (num_workers * block)) * block
+    # Every worker's slice of the words holds a whole number of result words.
+    unit = math.lcm(in_per_word, out_per_word) // in_per_word
+    words = sum(_leaf_words(sizes, in_per_word))
+    shard = -(-words // (num_workers * unit)) * unit * in_per_word
     return SignLayout(
-        num_params, num_workers, method, shard, in_base, in_per_word, out_base, out_per_word
+        sum(sizes), num_workers, method, shard, in_base, in_per_word, out_base, out_per_word
     )
 
 
@@ -174,32 +252,77 @@ def is_varying(x: jax.Array, axis_name: str) -> bool:
     return mat is not None and axis_name in mat.varying
 
 
-def _combine(signs: jax.Array, axis_name: str, layout: SignLayout) -> jax.Array:
-    """The two collectives: ``(num_params,)`` int8 signs -> aggregated int32 values."""
+def _pack_leaf(update: jax.Array, per_word: int) -> jax.Array:
+    """One leaf's signs as ternary digits packed into words (``(words,)`` uint32).
+
+    Word ``k`` holds the leaf's elements ``k, k + W, k + 2W, ...`` (``W``
+    words): packing reads whole contiguous planes of the leaf, and no flat
+    copy of all the leaves' signs is ever made.
+    """
+    size = math.prod(jnp.shape(update))
+    words = -(-size // per_word)
+    digits = (_ternary(update).reshape(-1) + 1).astype(jnp.uint8)
+    planes = jnp.pad(digits, (0, per_word * words - size)).reshape(per_word, words)
+    word = jnp.zeros((words,), jnp.uint32)
+    for j in reversed(range(per_word)):  # Horner: one loop over the words, no reduction
+        word = word * jnp.uint32(3) + planes[j].astype(jnp.uint32)
+    return word
+
+
+def _count(received: jax.Array, layout: SignLayout) -> jax.Array:
+    """The packed results of one worker's slice from every worker's packed signs.
+
+    ``received`` is ``(N, words)``. The vote (its result has the signs'
+    format) is counted and packed digit by digit in one loop over the words:
+    no array of digits is made, and no reduction over a digit axis, which
+    XLA:CPU does not vectorise. The average's results have another base, so
+    they are laid out first, as ``(digit j, word k)`` in order.
+    """
     n = layout.num_workers
-    padded = jnp.pad(signs, (0, n * layout.shard_digits - layout.num_params))
-    digits = (padded.astype(jnp.int32) + 1).astype(jnp.uint32)
-    words = pack_digits(
-        digits.reshape(n, layout.shard_digits // layout.in_per_word, layout.in_per_word),
-        layout.in_base,
-    )
+    parts = _parts(received, layout.in_base, layout.in_per_word)
+    assert parts is not None  # base 3
+    if layout.method == 'vote' and n <= 16:
+        word = jnp.zeros(received.shape[1:], jnp.uint32)
+        weight = 1
+        for part, size in parts:
+            half = part.astype(jnp.float32) + 0.5
+            for j in range(size):
+                digits = _digit(half, layout.in_base, j)  # sign + 1 of every worker
+                total = sum(digits[i] for i in range(n))  # exact small integers
+                vote = (jnp.sign(total - n) + 1).astype(jnp.uint32)
+                word = word + vote * jnp.uint32(weight)
+                weight *= layout.in_base
+        return word
+    digits = unpack_digit_planes(received, layout.in_base, layout.in_per_word)
+    totals = jnp.sum(digits.astype(jnp.int32), axis=0)  # (in_per_word, words) in [0, 2N]
+    result = jnp.sign(totals - n) + 1 if layout.method == 'vote' else totals
+    return pack_digit_planes(result.reshape(layout.out_per_word, -1), layout.out_base)
+
+
+def _combine(words: jax.Array, total: int, axis_name: str, layout: SignLayout) -> jax.Array:
+    """The two collectives: every leaf's packed signs -> the aggregated digits.
+
+    ``words`` (all leaves' words, then padding: ``(N * shard_digits / 20,)``)
+    is cut into one slice per worker; each worker sums the digits of its
+    slice from every worker (the sum of ``sign + 1``, in ``[0, 2N]``) and
+    packs the result (the vote or the sum itself) for the ``all_gather``.
+    Returns the result digits as ``(in_per_word, total)``: column ``g``
+    holds the digits of word ``g``.
+    """
+    n = layout.num_workers
+    chunk = layout.shard_digits // layout.in_per_word
     manual = is_manual(axis_name)
+    words = words.reshape(n, chunk)
     if manual and not is_varying(words, axis_name):
         words = jax.lax.pcast(words, axis_name, to='varying')
     # Row j of `received` holds worker j's signs for this worker's slice.
     received = jax.lax.all_to_all(words, axis_name, 0, 0, tiled=True)
-    votes = unpack_digits(received, layout.in_base, layout.in_per_word).astype(jnp.int32) - 1
-    counts = jnp.sum(votes, axis=0).reshape(layout.shard_digits)  # in [-n, n]
-    result = jnp.sign(counts) + 1 if layout.method == 'vote' else counts + n
-    packed = pack_digits(
-        result.astype(jnp.uint32).reshape(-1, layout.out_per_word), layout.out_base
-    )
     gathered = jax.lax.all_gather(
-        packed, axis_name, tiled=True, to='invarying' if manual else 'varying'
-    )
-    values = unpack_digits(gathered, layout.out_base, layout.out_per_word).reshape(-1)
-    offset = 1 if layout.method == 'vote' else n
-    return values[: layout.num_params].astype(jnp.int32) - offset
+        _count(received, layout), axis_name, tiled=True, to='invarying' if manual else 'varying'
+    ).reshape(n, -1)
+    values = unpack_digit_planes(gathered, layout.out_base, layout.out_per_word)
+    values = values.reshape(n, layout.in_per_word, chunk).transpose(1, 0, 2)
+    return values.reshape(layout.in_per_word, n * chunk)[:, :total]
 
 
 def aggregate_signs(
@@ -269,18 +392,29 @@ def aggregate_signs(
     ) -> tuple[optax.Updates, optax.EmptyState]:
         del params
         leaves, treedef = jax.tree.flatten(updates)
-        if not leaves:
-            return updates, state
         sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
-        layout = sign_layout(max(sum(sizes), 1), jax.lax.axis_size(axis_name), method)
-        signs = jnp.concatenate([_ternary(leaf).reshape(-1) for leaf in leaves])
-        if signs.size == 0:
+        if sum(sizes) == 0:
             return updates, state
-        values = _combine(signs, axis_name, layout)
+        layout = sign_layout(sizes, jax.lax.axis_size(axis_name), method)
+        per_word = layout.in_per_word
+        # Every leaf's words written in place into one buffer (a concatenation
+        # would make XLA:CPU choose the operand of every element in one loop).
+        counts = _leaf_words(sizes, per_word)
+        words = jnp.zeros((layout.num_workers * layout.shard_digits // per_word,), jnp.uint32)
+        if is_manual(axis_name):
+            words = jax.lax.pcast(words, axis_name, to='varying')
+        start = 0
+        for leaf, count in zip(leaves, counts):
+            if count:
+                words = jax.lax.dynamic_update_slice(words, _pack_leaf(leaf, per_word), (start,))
+            start += count
+        digits = _combine(words, start, axis_name, layout)
+        offset = 1 if method == 'vote' else layout.num_workers
         out, start = [], 0
-        for leaf, size in zip(leaves, sizes):
-            part = values[start : start + size].reshape(jnp.shape(leaf))
-            start += size
+        for leaf, size, count in zip(leaves, sizes, counts):
+            part = digits[:, start : start + count].reshape(-1)[:size]
+            start += count
+            part = part.astype(jnp.int32).reshape(jnp.shape(leaf)) - offset
             if method == 'vote':
                 out.append(part.astype(leaf.dtype))
             else:
