@@ -74,6 +74,7 @@ def pack_digit_planes(digits: jax.Array, base: int) -> jax.Array:
     """
     count = digits.shape[-2]
     weights = jnp.asarray([base**j for j in range(count)], jnp.uint32)[:, None]
+    weights = weights.reshape((1,) * (digits.ndim - 2) + weights.shape)  # explicit rank
     return jnp.sum(digits.astype(jnp.uint32) * weights, axis=-2, dtype=jnp.uint32)
 
 
@@ -100,6 +101,7 @@ def unpack_digit_planes(words: jax.Array, base: int, count: int) -> jax.Array:
     for part, size in parts:
         h = part.astype(jnp.float32)[..., None, :] + 0.5
         inverse = jnp.asarray([float(base) ** -j for j in range(size)], jnp.float32)[:, None]
+        inverse = inverse.reshape((1,) * (h.ndim - 2) + inverse.shape)  # explicit rank
         q = jnp.floor(h * inverse)
         planes.append((q - base * jnp.floor((q + 0.5) * (1.0 / base))).astype(dtype))
     return planes[0] if len(planes) == 1 else jnp.concatenate(planes, axis=-2)
