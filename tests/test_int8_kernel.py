@@ -78,9 +78,11 @@ def test_an_invalid_step_keeps_the_momentum_in_the_kernel_too():
     ours, kernel = _both((256, 1024), True, False, jnp.float32(0.9), jnp.float32(0.99))
     _assert_same_step(kernel, ours)
     g, codes, scales, _ = _problem((256, 1024))
-    # The momentum is kept: the new scales are the old momentum's block maxima.
-    np.testing.assert_allclose(kernel.scales, momentum_storage.block_maxima(
-        momentum_storage.dequantize_blockwise(codes, scales, 32), 32), rtol=2**-22)
+    # The momentum is kept bit for bit, codes and scales (stochastic rounding of the
+    # kept momentum, or its block maxima, would move them).
+    for step in (kernel, ours):
+        np.testing.assert_array_equal(step.stored, codes)
+        np.testing.assert_array_equal(step.scales, scales)
 
 
 @pytest.mark.parametrize('shape, block, expected', [

@@ -225,6 +225,13 @@ def lion_leaf_step(
     )
     if new_scales is None:
         new_scales = scales  # a float leaf: nothing (or zero-size scales) to update
+    elif step_is_valid is not None:
+        # Re-encoding the kept momentum is not the identity for int8 (the block
+        # maximum of the decoded codes is the scale only to rounding, and stochastic
+        # rounding may move a code): a step that must not happen keeps the codes and
+        # scales bit for bit. The old codes are read anyway; the select fuses.
+        new_stored = jnp.where(step_is_valid, new_stored, stored)
+        new_scales = jnp.where(step_is_valid, new_scales, scales)
     if read_back is None:
         c = guarded(interpolation(m_old, g, b1), b1 * m_old)
     else:
@@ -411,7 +418,7 @@ def scale_by_lion(
     momentum :math:`\tilde m_t`,
     :math:`c_t = (\beta_1/\beta_2)\, \tilde m_t + ((\beta_2-\beta_1)/\beta_2)\, g_t`,
     which lets XLA:CPU update the momentum in place instead of copying it
-    (see :mod:`lion_optax._src.formulation`): the momentum is bit-identical
+    (see ``lion_optax/_src/formulation.py``): the momentum is bit-identical
     and :math:`c_t` is within :math:`9u\,(\beta_1|m_{t-1}| + (1-\beta_1)|g_t|)`,
     :math:`u = 2^{-24}`, of the reference (in a lossy storage it also carries
     :math:`\beta_1/\beta_2` times the storage's rounding error of :math:`m_t`,

@@ -149,7 +149,8 @@ def _kernel(
         if nonfinite_zero:
             g = jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
         # As dequantize_blockwise: codes * scale * (1 / 127), in that order.
-        m_old = codes_ref[...].astype(jnp.float32).T * expand(scales_ref[...]) * np.float32(1.0 / 127.0)
+        old_codes = codes_ref[...].astype(jnp.float32).T
+        m_old = old_codes * expand(scales_ref[...]) * np.float32(1.0 / 127.0)
         c = one_minus_b1 * g + b1 * m_old
         m_new = one_minus_b2 * g + b2 * m_old
         m_new = jnp.where(valid, m_new, m_old)
@@ -162,8 +163,12 @@ def _kernel(
             rounded = jnp.floor(scaled + (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24))
         else:
             rounded = jnp.round(scaled)
-        codes_out[...] = jnp.clip(rounded, -127.0, 127.0).T.astype(jnp.int8)
-        scales_out[...] = scales
+        # A step that must not happen keeps the codes and scales bit for bit
+        # (re-encoding the kept momentum would round them again). The select is
+        # on float32 values: Mosaic has no int8 vector select.
+        codes = jnp.where(valid, jnp.clip(rounded, -127.0, 127.0), old_codes)
+        codes_out[...] = codes.T.astype(jnp.int8)
+        scales_out[...] = jnp.where(valid, scales, scales_ref[...])
         # sign(c) as int8 (c is finite here: non-finite gradients are zeroed).
         # Written with selects: Pallas' lowering of sign asks the local device
         # for its TPU generation, which an ahead-of-time compile does not have.
