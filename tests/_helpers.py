@@ -34,6 +34,28 @@ def child_env(drop: Sequence[str] = (), **overrides: str) -> dict[str, str]:
     return env
 
 
+def eight_device_checks(script: os.PathLike, out: os.PathLike, *args: str) -> dict[str, Any]:
+    """Runs ``python script *args`` (eight simulated CPU devices) and reads its JSON ``out``.
+
+    The script sets ``jax_num_cpu_devices`` itself and writes every number the
+    tests assert on to ``out``; a failure shows the end of its output.
+    """
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    result = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=child_env(drop=('XLA_FLAGS',)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
 def random_params(seed: int, dtype: Any = jnp.float32, shapes=SHAPES) -> dict[str, jax.Array]:
     rng = np.random.default_rng(seed)
     return {k: jnp.asarray(rng.normal(size=s), dtype=dtype) for k, s in shapes.items()}
@@ -83,3 +105,8 @@ def rounding_for(dtype: Any) -> Callable[[float], float] | None:
     if jnp.dtype(dtype) == jnp.float16:
         return lambda x: float(np.asarray(x, dtype=np.float16))
     return None
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every element of every leaf of ``tree`` is finite."""
+    return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(tree))

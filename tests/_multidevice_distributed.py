@@ -111,10 +111,10 @@ def _abstract_step(mesh, tx, params, grads):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    import lion_optax
+    from lion_optax._src.distributed import worker_state_specs
 
     shapes = jax.eval_shape(tx.init, params)
-    specs = lion_optax.worker_state_specs(shapes, 'data')
+    specs = worker_state_specs(shapes, 'data')
     n = mesh.shape['data']
 
     def abstract(leaf, spec):
@@ -328,7 +328,7 @@ def checks() -> dict:
         for method in ('vote', 'average'):
             tx = lion_optax.distributed_lion(0.01, method=method)
             compiled = _abstract_step(sub, tx, params, grads)
-            collectives = lion_optax.hlo.hlo_collectives(compiled)
+            collectives = lion_optax.hlo.collectives(compiled)
             out[f'traffic_{method}_{n}'] = lion_optax.hlo.bytes_sent_per_device(compiled)
             out[f'collectives_{method}_{n}'] = [
                 [c.kind, c.buffer_bytes, c.group_size, c.bytes_sent] for c in collectives
@@ -336,7 +336,7 @@ def checks() -> dict:
             out[f'collective_dtypes_{method}_{n}'] = sorted(
                 {c.hlo.split('=', 1)[1].split('[', 1)[0].strip(' (') for c in collectives}
             )
-            layout = lion_optax.sign_layout(num_params, n, method)
+            layout = lion_optax.hlo.sign_layout(num_params, n, method)
             out[f'layout_bytes_{method}_{n}'] = layout.bytes_sent_per_device
             out[f'layout_fp32_{n}'] = layout.fp32_allreduce_bytes
 

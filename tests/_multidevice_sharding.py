@@ -1,4 +1,4 @@
-"""Lion on a device mesh; run as a subprocess by test_sharding.py.
+"""Lion on a device mesh; run as a subprocess by conftest.py (sharding_on_eight_devices).
 
 ``python _multidevice_sharding.py OUT.json``: one process, 8 CPU devices. Runs
 ``lion_optax.lion`` on sharded parameters on a (data=2, model=4) mesh with Auto
@@ -7,7 +7,7 @@ and Explicit axes (with and without ``jax.set_mesh``), eagerly and jitted
 layout (FSDP, tensor-parallel, 2-D, replicated); the global-norm and cautious
 variants; and the ZeRO-style ``shard_optimizer_state`` with float32 and int8
 momentum. Writes every number the tests assert on to OUT.json; the assertions
-live in test_sharding.py.
+live in test_sharding.py and test_zero.py.
 """
 
 from __future__ import annotations
@@ -132,14 +132,14 @@ def sharded_lion(mesh_kind: str) -> dict:
             out[f'compilations_{init_name}_init'] = counted._cache_size()
         update = jax.jit(tx.update)
         compiled = update.lower(grads[0], state, params).compile()
-        out['update_collectives'] = _describe(lion_optax.hlo.hlo_collectives(compiled))
+        out['update_collectives'] = _describe(lion_optax.hlo.collectives(compiled))
         skipping = lion_optax.lion(1e-2, weight_decay=0.1, nonfinite='skip_step')
         compiled = (
             jax.jit(skipping.update)
             .lower(grads[0], jax.jit(skipping.init)(params), params)
             .compile()
         )
-        out['update_collectives_skip_step'] = _describe(lion_optax.hlo.hlo_collectives(compiled))
+        out['update_collectives_skip_step'] = _describe(lion_optax.hlo.collectives(compiled))
         out['steps_state_same'] = []
         out['steps_params_same'] = []
         for g in grads:
@@ -183,7 +183,7 @@ def variants() -> dict:
         tx = lion_optax.lion(1e-2, **options)
         state = jax.jit(tx.init)(params)
         compiled = jax.jit(tx.update).lower(grads, state, params).compile()
-        out[name] = _describe(lion_optax.hlo.hlo_collectives(compiled))
+        out[name] = _describe(lion_optax.hlo.collectives(compiled))
         updates, _ = jax.jit(tx.update)(grads, state, params)
         single = jax.jit(tx.update)(grads_np[0], tx.init(params_np), params_np)[0]
         out[name + '_max_diff'] = max(
@@ -257,7 +257,7 @@ def storages() -> dict:
             out[f'{storage}/{layout}'] = {
                 'devices_holding_w': len(mesh.devices.flat) if spec != P() else 1,
                 'fractions': fractions,
-                'collectives': _describe(lion_optax.hlo.hlo_collectives(compiled)),
+                'collectives': _describe(lion_optax.hlo.collectives(compiled)),
                 'max_diff_vs_single_device': max(
                     float(np.max(np.abs(np.asarray(params[k], np.float64) - expected[k])))
                     for k in params
@@ -295,7 +295,7 @@ def zero() -> dict:
     update = jax.jit(tx.update)
     compiled = update.lower(grads[0], state, params).compile()
     out['collectives'] = [
-        [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo.hlo_collectives(compiled)
+        [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo.collectives(compiled)
     ]
     out['params_bytes'] = int(sum(v.nbytes for v in params_np.values()))
     out['params_replicated'] = []

@@ -37,7 +37,37 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 # Fixtures that start processes (eight simulated devices, two jax.distributed
 # processes, a checkpoint saver to kill, the main job's tiny run): a test that uses
 # one is end-to-end, so `pytest -m "not slow"` leaves it out.
-PROCESS_FIXTURES = frozenset({'eight_devices', 'saver_server', 'tiny_run', 'readme_block_results'})
+PROCESS_FIXTURES = frozenset({
+    'eight_devices', 'sharding_on_eight_devices', 'saver_server', 'tiny_run',
+    'readme_block_results',
+})
+
+
+@pytest.fixture(scope='session')
+def sharding_on_eight_devices(tmp_path_factory, worker_id):
+    """The results of ``_multidevice_sharding.py``: eight CPU devices in a subprocess.
+
+    One process for the whole run, read by test_sharding.py (placement) and
+    test_zero.py (the ZeRO wrapper): under pytest-xdist the files may run on two
+    workers, so the first to ask runs it (under a file lock, in the folder the
+    workers share) and the other reads its results.
+    """
+    import fcntl  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from _helpers import eight_device_checks  # noqa: PLC0415
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base if worker_id == 'master' else base.parent) / 'sharding_on_eight_devices'
+    folder.mkdir(exist_ok=True)
+    out = folder / 'checks.json'
+    with open(folder / 'lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return json.loads(out.read_text())
+        script = Path(__file__).with_name('_multidevice_sharding.py')
+        return eight_device_checks(script, out, str(out), str(folder / 'checkpoints'))
 
 
 @pytest.fixture(autouse=True)

@@ -141,7 +141,7 @@ def test_other_optimizer_state_is_refused(tmp_path):
         restore_checkpoint(tmp_path, target)
     message = str(info.value)
     assert 'in the checkpoint only' in message and 'in the target only' in message
-    assert '.skipped_steps: in the target only, int32[]' in message
+    assert '.nonfinite_gradient_steps: in the target only, int32[]' in message
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -557,7 +557,9 @@ def _setup(variant):
         'w2': jnp.asarray(rng.normal(size=(32, 1)) / 6, dtype),
     }
     tx = lion_optax.lion(
-        lion_optax.warmup_cosine_schedule(3e-2, TOTAL_STEPS), weight_decay=0.1, **options
+        optax.schedules.warmup_cosine_decay_schedule(0.0, 3e-2, TOTAL_STEPS // 20, TOTAL_STEPS,
+                                                     3e-3),
+        weight_decay=0.1, **options
     )
     return params, tx
 

@@ -16,6 +16,7 @@ import pytest
 from scipy import optimize
 
 import lion_optax
+from lion_optax._src import kappa as kappa_lib
 
 # ---------------------------------------------------------------------------
 # The diagnostics on hand-made parameters.
@@ -98,7 +99,8 @@ def test_fully_decoupled_decay_is_converted_to_the_paper_lambda():
     params = {'w': jnp.array([3.0, -1.0])}
     paper = lion_optax.constraint_diagnostics(params, weight_decay=0.5)
     decoupled = lion_optax.constraint_diagnostics(
-        params, weight_decay=0.5e-3, convention='fully_decoupled', reference_learning_rate=1e-3)
+        params, weight_decay=0.5e-3,
+        weight_decay_convention=lion_optax.FullyDecoupled(reference_learning_rate=1e-3))
     chex.assert_trees_all_close(paper, decoupled)
 
 
@@ -146,14 +148,20 @@ def test_invalid_options_are_refused():
     with pytest.raises(ValueError, match='rtol'):
         lion_optax.constraint_diagnostics(params, weight_decay=0.1, rtol=1.0)
     with pytest.raises(ValueError, match='reference_learning_rate'):
-        lion_optax.constraint_diagnostics(params, weight_decay=0.1, convention='fully_decoupled')
-    with pytest.raises(ValueError, match="convention='weird'"):
-        lion_optax.constraint_diagnostics(params, weight_decay=0.1, convention='weird')
+        lion_optax.constraint_diagnostics(
+            params, weight_decay=0.1, weight_decay_convention='fully_decoupled'
+        )
+    with pytest.raises(ValueError, match="weight_decay_convention='weird'"):
+        lion_optax.constraint_diagnostics(params, weight_decay=0.1, weight_decay_convention='weird')
+    # lion_optax 0.2's keyword still works, with a warning that says what to write.
+    with pytest.warns(DeprecationWarning, match='write weight_decay_convention=...'):
+        with pytest.raises(ValueError, match='reference_learning_rate'):
+            lion_optax.constraint_diagnostics(params, weight_decay=0.1, convention='fully_decoupled')
     with pytest.raises(ValueError, match='mask does not match'):
         lion_optax.constraint_diagnostics(params, weight_decay=0.1, mask={'v': True})
     with pytest.raises(TypeError, match='concrete bool'):
         lion_optax.constraint_diagnostics(params, weight_decay=0.1, mask={'w': 'yes'})
-    declared = lion_optax.custom_kappa(lambda c: c, dual_norm=math.inf)
+    declared = kappa_lib.custom_kappa(lambda c: c, dual_norm=math.inf)
     d = lion_optax.constraint_diagnostics(params, weight_decay=0.5, kappa=declared,
                                           mask=lambda p: {'w': True})
     assert float(d.scaled_norm) == 0.5
@@ -216,7 +224,7 @@ def _check_entry(kappa, x0, trajectory, final_lr, field='distance'):
     the accumulated error like the distance: slack_{t+1} = (1 - lr_t lambda)
     slack_t + eps_t.
     """
-    q = lion_optax.resolve_kappa(kappa).dual_norm
+    q = lion_optax.Kappa.of(kappa).dual_norm
     # Distances in numpy, (steps, arrays); at the start from the diagnostics.
     leaves = jax.tree.leaves(trajectory)
     norms = np.stack([_numpy_norm_rows(leaf.reshape(STEPS, -1), q) for leaf in leaves], -1)

@@ -11,6 +11,7 @@ import pytest
 from absl.testing import parameterized
 
 import lion_optax
+from lion_optax._src import kappa as kappa_lib
 from lion_optax._src.reference import lion_reference
 
 from _helpers import (
@@ -126,7 +127,7 @@ class ReferenceTrajectoryTest(chex.TestCase):
                 want = want_params[name]
                 d_max = 1.0 + WD * before[name]
                 bound = 2.0**-7 * np.abs(want) + LR * (2.0**-8 + 2 * 2.0**-7 * d_max) + 1e-12
-                if lion_optax.resolve_kappa(kappa).name in DISCONTINUOUS:
+                if lion_optax.Kappa.of(kappa).name in DISCONTINUOUS:
                     m64 = np.asarray(momentum[name], np.float64)
                     g64 = np.asarray(g[name], np.float64)
                     ambiguous = np.abs(0.9 * m64 + 0.1 * g64) <= 1e-6 * (np.abs(m64) + np.abs(g64))
@@ -217,15 +218,15 @@ def _indicator(inside):
 
 # kappa, K(z), K*(y) as documented in lion_optax._src.kappa.
 CONJUGATES = [
-    ('sign', lion_optax.sign_kappa(), lambda z: np.sum(np.abs(z)),
+    ('sign', kappa_lib.sign_kappa(), lambda z: np.sum(np.abs(z)),
      lambda y: _indicator(np.max(np.abs(y)) <= 1 + 1e-12)),
-    ('clip', lion_optax.clip_kappa(), lambda z: np.sum(_huber(z)),
+    ('clip', kappa_lib.clip_kappa(), lambda z: np.sum(_huber(z)),
      lambda y: 0.5 * np.sum(y**2) + _indicator(np.max(np.abs(y)) <= 1 + 1e-12)),
     ('tanh', lion_optax.tanh_kappa(2.0),
      lambda z: np.sum(_logcosh(2.0 * z)) / 2.0, lambda y: _entropy_conjugate(y, 2.0)),
     ('lp1.5', lion_optax.lp_kappa(1.5), lambda z: np.sum(np.abs(z) ** 1.5) ** (1 / 1.5),
      lambda y: _indicator(np.sum(np.abs(y) ** 3.0) ** (1 / 3.0) <= 1 + 1e-5)),
-    ('l2', lion_optax.l2_kappa(), lambda z: np.sqrt(np.sum(z**2)),
+    ('l2', kappa_lib.l2_kappa(), lambda z: np.sqrt(np.sum(z**2)),
      lambda y: _indicator(np.sqrt(np.sum(y**2)) <= 1 + 1e-5)),
 ]
 
@@ -257,7 +258,7 @@ def test_documented_conjugate_satisfies_fenchel_young(name, kappa, k, conjugate)
 
 
 def test_every_builtin_documents_k_conjugate_and_problem():
-    kappas = [lion_optax.resolve_kappa(n) for n in ('sign', 'clip', 'tanh', 'l2', 'l2_global')]
+    kappas = [lion_optax.Kappa.of(n) for n in ('sign', 'clip', 'tanh', 'l2', 'l2_global')]
     kappas += [lion_optax.lp_kappa(1.5), lion_optax.lp_kappa(1.5, scope='global')]
     for kappa in kappas:
         assert kappa.k.startswith('K(x) =')
@@ -266,11 +267,11 @@ def test_every_builtin_documents_k_conjugate_and_problem():
         assert kappa.dual_norm is not None and kappa.scope in ('leaf', 'global')
         text = kappa.describe()
         assert kappa.k in text and kappa.conjugate in text and kappa.constraint in text
-    assert lion_optax.sign_kappa().constraint == 'min f(x) s.t. ||x||_inf <= 1/lambda'
+    assert kappa_lib.sign_kappa().constraint == 'min f(x) s.t. ||x||_inf <= 1/lambda'
     assert lion_optax.lp_kappa(1.5).dual_norm == pytest.approx(3.0)
     assert lion_optax.lp_kappa(1.0).dual_norm == math.inf
-    assert lion_optax.l2_kappa(scope='global').scope == 'global'
-    assert lion_optax.custom_kappa(jnp.sign).dual_norm is None
+    assert kappa_lib.l2_kappa(scope='global').scope == 'global'
+    assert kappa_lib.custom_kappa(jnp.sign).dual_norm is None
 
 
 # ---------------------------------------------------------------------------
@@ -295,8 +296,8 @@ def test_lp_direction_has_unit_dual_norm_and_attains_the_norm(p):
     np.testing.assert_allclose(u @ c, np.sum(np.abs(c) ** p) ** (1 / p), rtol=1e-5)
 
 
-@pytest.mark.parametrize('kappa', [lion_optax.lp_kappa(1.5), lion_optax.l2_kappa(),
-                                   lion_optax.l2_kappa(scope='global')], ids=['lp', 'l2', 'l2g'])
+@pytest.mark.parametrize('kappa', [lion_optax.lp_kappa(1.5), kappa_lib.l2_kappa(),
+                                   kappa_lib.l2_kappa(scope='global')], ids=['lp', 'l2', 'l2g'])
 def test_lp_direction_is_scale_invariant_without_underflow_or_overflow(kappa):
     """grad ||.||_p is 0-homogeneous: c * 1e-30 (whose squares underflow in float32)
     and c * 1e30 (whose squares overflow) give the direction of c."""
@@ -308,18 +309,18 @@ def test_lp_direction_is_scale_invariant_without_underflow_or_overflow(kappa):
 
 
 def test_lp_direction_of_zero_is_zero_and_nan_propagates():
-    kappa = lion_optax.l2_kappa()
+    kappa = kappa_lib.l2_kappa()
     chex.assert_trees_all_equal(kappa.fn(jnp.zeros(3)), jnp.zeros(3))
     assert bool(jnp.all(jnp.isnan(kappa.fn(jnp.array([1.0, jnp.nan])))))
-    glob = lion_optax.l2_kappa(scope='global').fn({'a': jnp.zeros(2), 'b': jnp.zeros(0)})
+    glob = kappa_lib.l2_kappa(scope='global').fn({'a': jnp.zeros(2), 'b': jnp.zeros(0)})
     chex.assert_trees_all_equal(glob, {'a': jnp.zeros(2), 'b': jnp.zeros(0)})
 
 
 def test_global_and_leaf_scopes_differ_and_global_uses_one_norm():
     c = {'a': jnp.array([3.0]), 'b': jnp.array([4.0])}
-    chex.assert_trees_all_close(lion_optax.l2_kappa().fn(c), {'a': jnp.ones(1), 'b': jnp.ones(1)})
+    chex.assert_trees_all_close(kappa_lib.l2_kappa().fn(c), {'a': jnp.ones(1), 'b': jnp.ones(1)})
     chex.assert_trees_all_close(
-        lion_optax.l2_kappa(scope='global').fn(c), {'a': jnp.array([0.6]), 'b': jnp.array([0.8])}
+        kappa_lib.l2_kappa(scope='global').fn(c), {'a': jnp.array([0.6]), 'b': jnp.array([0.8])}
     )
 
 
@@ -329,18 +330,18 @@ def test_names_resolve_to_the_documented_kappas():
                             (('clip', 'huber', 'refined'), jnp.clip(c, -1.0, 1.0)),
                             (('tanh', 'smooth'), jnp.tanh(c))):
         for name in names:
-            chex.assert_trees_all_close(lion_optax.resolve_kappa(name).fn(c), expected, atol=0)
+            chex.assert_trees_all_close(lion_optax.Kappa.of(name).fn(c), expected, atol=0)
     chex.assert_trees_all_equal(lion_optax.lp_kappa(1.0).fn(c), jnp.sign(c))
-    chex.assert_trees_all_close(lion_optax.resolve_kappa('l2').fn(c), c / jnp.linalg.norm(c),
+    chex.assert_trees_all_close(lion_optax.Kappa.of('l2').fn(c), c / jnp.linalg.norm(c),
                                 rtol=1e-6)
     kappa = lion_optax.lp_kappa(1.5)
-    assert lion_optax.resolve_kappa(kappa) is kappa
+    assert lion_optax.Kappa.of(kappa) is kappa
 
 
 def test_elementwise_flag_means_elementwise():
     """A kappa marked elementwise gives the same numbers on a leaf and on its pieces."""
-    kappas = (lion_optax.sign_kappa(), lion_optax.clip_kappa(), lion_optax.tanh_kappa(),
-              lion_optax.lp_kappa(1.0), lion_optax.l2_kappa(), lion_optax.lp_kappa(1.5))
+    kappas = (kappa_lib.sign_kappa(), kappa_lib.clip_kappa(), lion_optax.tanh_kappa(),
+              lion_optax.lp_kappa(1.0), kappa_lib.l2_kappa(), lion_optax.lp_kappa(1.5))
 
     @jax.jit
     def same_on_pieces(c):
@@ -389,16 +390,16 @@ def test_tanh_sharpness_must_be_positive_and_finite(beta):
 
 def test_bad_scope_and_bad_custom_declarations_are_refused():
     with pytest.raises(ValueError, match="scope='tree'"):
-        lion_optax.l2_kappa(scope='tree')
+        kappa_lib.l2_kappa(scope='tree')
     with pytest.raises(ValueError, match="scope='tree'"):
         lion_optax.lp_kappa(1.5, scope='tree')
     with pytest.raises(TypeError, match='expects a callable'):
-        lion_optax.custom_kappa(2.0)
+        kappa_lib.custom_kappa(2.0)
     with pytest.raises(ValueError, match='dual_norm'):
-        lion_optax.custom_kappa(jnp.sign, dual_norm=0.5)
+        kappa_lib.custom_kappa(jnp.sign, dual_norm=0.5)
     with pytest.raises(TypeError, match='elementwise'):
-        lion_optax.custom_kappa(jnp.sign, elementwise='yes')
-    bad = lion_optax.sign_kappa()._replace(scope='everywhere')
+        kappa_lib.custom_kappa(jnp.sign, elementwise='yes')
+    bad = kappa_lib.sign_kappa()._replace(scope='everywhere')
     with pytest.raises(ValueError, match='scope'):
         lion_optax.scale_by_lion(kappa=bad)
 

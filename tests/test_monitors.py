@@ -123,5 +123,5 @@ def test_wrapper_in_a_lion_chain_with_skipping_and_extra_args():
     _, state = opt.update({'w': jnp.array([1.0, -1.0, 1.0])}, state, params, loss=1.0)
     recorded = optax.tree.get(state, 'agreement')
     _, state = opt.update({'w': jnp.array([jnp.nan, 1.0, 1.0])}, state, params)
-    assert int(state.skipped_steps) == 1
+    assert int(state.nonfinite_gradient_steps) == 1
     chex.assert_trees_all_equal(optax.tree.get(state, 'agreement'), recorded)

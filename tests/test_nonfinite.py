@@ -124,7 +124,7 @@ def test_skip_nonfinite_wraps_any_transformation_and_never_lets_nan_through():
         updates, state = tx.update(jnp.full(3, jnp.nan), state, params)
         params = optax.apply_updates(params, updates)
     np.testing.assert_array_equal(params, jnp.ones(3))
-    assert int(state.skipped_steps) == 10
+    assert int(state.nonfinite_gradient_steps) == 10
 
 
 def test_skip_nonfinite_around_lion_counts_skipped_steps():
@@ -134,7 +134,7 @@ def test_skip_nonfinite_around_lion_counts_skipped_steps():
     for g in [jnp.ones(2), jnp.array([jnp.nan, 1.0]), jnp.ones(2)]:
         updates, state = tx.update(g, state, params)
         params = optax.apply_updates(params, updates)
-    assert int(state.skipped_steps) == 1
+    assert int(state.nonfinite_gradient_steps) == 1
     assert int(optax.tree.get(state.inner_state, 'count')) == 2
 
 
@@ -143,3 +143,11 @@ def test_all_finite_on_empty_tree():
 
     assert bool(all_finite({}))
     assert not bool(all_finite({'x': jnp.array([1.0, jnp.nan])}))
+
+
+def test_the_deprecated_skipped_steps_name_still_reads_the_count():
+    tx = lion_optax.skip_nonfinite(optax.sgd(0.1))
+    params = jnp.ones(2)
+    _, state = tx.update(jnp.full(2, jnp.nan), tx.init(params), params)
+    with pytest.warns(DeprecationWarning, match='state.nonfinite_gradient_steps'):
+        assert int(state.skipped_steps) == 1

@@ -2,31 +2,49 @@
 
 import importlib
 import inspect
+import re
 import typing
 
 import optax
+import pytest
 
 import lion_optax
 
 PUBLIC = [
-    'Cautious', 'Diagnostics', 'FullyDecoupled', 'Rounding',
-    'ConstraintDiagnostics', 'Int8Momentum', 'Kappa', 'LionDiagnosticsState',
-    'LionHyperparameters', 'RoundUpdatesToParamsState', 'ScaleByLionInt8State',
-    'ScaleByLionState', 'SignLayout', 'SignMonitorState', 'SkipNonfiniteState',
-    'adamw_to_lion', 'add_decoupled_weight_decay', 'aggregate_signs', 'clip_kappa',
-    'constraint_diagnostics', 'custom_kappa', 'distributed_init', 'distributed_lion', 'hlo',
-    'l2_kappa', 'lion', 'lp_kappa', 'monitor_signs', 'resolve_kappa',
+    'Cautious', 'ConstraintDiagnostics', 'Diagnostics', 'FullyDecoupled', 'Int8Momentum', 'Kappa',
+    'LionDiagnosticsState', 'LionHyperparameters', 'RoundUpdatesToParamsState', 'Rounding',
+    'ScaleByLionInt8State', 'ScaleByLionState', 'SignMonitorState', 'SkipNonfiniteState',
+    'adamw_to_lion', 'add_decoupled_weight_decay', 'aggregate_signs', 'constraint_diagnostics',
+    'distributed_init', 'distributed_lion', 'hlo', 'lion', 'lp_kappa', 'monitor_signs',
     'round_updates_to_params', 'scale_by_lion', 'shard_optimizer_state', 'sign_agreement',
-    'sign_flip_fraction', 'sign_kappa', 'sign_layout', 'skip_nonfinite', 'stochastic_round',
-    'tanh_kappa', 'warmup_cosine_schedule', 'worker_state_specs', 'zeros_like_sharded',
+    'sign_flip_fraction', 'skip_nonfinite', 'stochastic_round', 'tanh_kappa',
 ]
+# lion_optax 0.2's top-level names that moved or went: each still resolves, with a warning.
+DEPRECATED = {
+    'resolve_kappa': 'Kappa.of', 'custom_kappa': 'kappa=fn', 'sign_kappa': "kappa='sign'",
+    'clip_kappa': "kappa='clip'", 'l2_kappa': "kappa='l2'",
+    'warmup_cosine_schedule': 'warmup_cosine_decay_schedule',
+    'zeros_like_sharded': "optimizer's init", 'worker_state_specs': 'distributed_init',
+    'sign_layout': 'lion_optax.hlo.sign_layout', 'SignLayout': 'lion_optax.hlo.SignLayout',
+}
 SUBMODULES = {
     'lion_optax.hlo': ['Collective', 'TARGETS', 'Traffic', 'bytes_sent_per_device',
-                       'compile_step', 'hlo_collectives', 'memory_traffic', 'target_devices',
+                       'collectives', 'compile_step', 'memory_traffic', 'sign_layout', 'SignLayout',
+                       'target_devices',
                        'tree_bytes', 'unavailable'],
     'lion_optax.checkpoint': ['CheckpointCorruptError', 'CheckpointMismatchError',
                               'latest_step', 'restore_checkpoint', 'save_checkpoint'],
 }
+
+
+def test_deprecated_names_still_resolve_and_say_what_to_write():
+    for name, instead in DEPRECATED.items():
+        with pytest.warns(DeprecationWarning, match=re.escape(instead)):
+            assert getattr(lion_optax, name) is not None
+    with pytest.warns(DeprecationWarning, match='lion_optax.hlo.collectives'):
+        assert lion_optax.hlo.hlo_collectives is lion_optax.hlo.collectives
+    with pytest.raises(AttributeError, match='no attribute'):
+        lion_optax.no_such_name  # noqa: B018
 
 
 def test_all_is_pinned():

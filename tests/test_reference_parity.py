@@ -1,7 +1,9 @@
-"""Multi-step trajectories of lion/scale_by_lion against the pure-Python reference."""
+"""Multi-step trajectories of lion/scale_by_lion against the pure-Python reference.
+
+Parity with optax.lion, the drop-in promise, is tested in ``test_alias.py``.
+"""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -128,60 +130,3 @@ class ReferenceParityTest(chex.TestCase):
             chex.assert_trees_all_close(
                 new_momentum, from_leaves(expected.momentum, params), rtol=2.0**-7, atol=1e-6,
             )
-
-
-@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
-class OptaxParityTest(chex.TestCase):
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(
-        ('defaults', {}),
-        ('betas_decay', dict(b1=0.95, b2=0.98, weight_decay=0.3)),
-        ('schedule_mask', dict(weight_decay=0.1, mask=DECAY_MASK)),
-    )
-    def test_equals_optax_lion(self, kwargs):
-        """Same arguments, same numbers as optax.lion (bit for bit in float32).
-
-        Not for ``mu_dtype=bfloat16``: optax multiplies the bf16 momentum by the
-        Python-float b1 in bf16 (weak typing) before adding the float32 term;
-        we compute the whole step in float32 and round once.
-        """
-        lr = kwargs.pop('learning_rate', SCHEDULE)
-        ours, theirs = lion_optax.lion(lr, **kwargs), optax.lion(lr, **kwargs)
-        params, grads = random_params(2), random_grads(3, 50)
-        ours_history, _ = run_trajectory(ours, params, grads, update_fn=self.variant(ours.update))
-        theirs_history, _ = run_trajectory(theirs, params, grads, update_fn=self.variant(theirs.update))
-        chex.assert_trees_all_close(ours_history, theirs_history, rtol=0, atol=0)
-
-    def test_hand_chained_pieces_equal_the_alias(self):
-        lr, wd = SCHEDULE, 0.2
-        chained = optax.chain(
-            lion_optax.scale_by_lion(b1=0.9, b2=0.99),
-            lion_optax.add_decoupled_weight_decay(wd, mask=DECAY_MASK),
-            optax.scale_by_learning_rate(lr),
-        )
-        alias = lion_optax.lion(lr, weight_decay=wd, mask=DECAY_MASK)
-        params, grads = random_params(4), random_grads(5, 30)
-        chex.assert_trees_all_equal(
-            run_trajectory(chained, params, grads)[0], run_trajectory(alias, params, grads)[0]
-        )
-
-    def test_differs_from_signum_when_betas_differ(self):
-        """The article's formula sign(m_t) (Signum) is not Lion when b1 != b2."""
-        params, grads = {'x': jnp.zeros(1)}, [{'x': jnp.array([1.0])}, {'x': jnp.array([-1.0])}]
-        history, _ = run_trajectory(lion_optax.lion(1.0, weight_decay=0.0), params, grads)
-        # Lion: c2 = 0.9 * 0.01 + 0.1 * (-1) < 0 -> step +1; Signum would use
-        # m2 = 0.99 * 0.01 - 0.01 < 0 too, so use the first step's c = 0.1 g.
-        self.assertEqual(float(history[0]['x'][0]), -1.0)
-        self.assertEqual(float(history[1]['x'][0]), 0.0)
-
-
-@pytest.mark.optax_promotion  # optax's schedules: 0.1 * count, count int32
-def test_jit_and_no_jit_trace_once():
-    tx = lion_optax.lion(SCHEDULE, weight_decay=0.1)
-    update = jax.jit(chex.assert_max_traces(tx.update, n=1))
-    params = random_params(0)
-    state = tx.init(params)
-    for g in random_grads(1, 3):
-        updates, state = update(g, state, params)
-        params = optax.apply_updates(params, updates)

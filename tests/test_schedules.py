@@ -1,10 +1,11 @@
-"""adamw_to_lion and warmup_cosine_schedule."""
+"""adamw_to_lion, and the deprecated warmup_cosine_schedule (a thin wrapper over optax)."""
 
 import numpy as np
 import optax
 import pytest
 
 import lion_optax
+from lion_optax._src import schedules
 
 
 def test_paper_vit_pair():
@@ -33,8 +34,10 @@ def test_factor_outside_range_is_refused(factor):
         lion_optax.adamw_to_lion(1e-3, 0.1, factor=factor)
 
 
-def test_warmup_cosine_values():
-    schedule = lion_optax.warmup_cosine_schedule(1e-4, 200, warmup_fraction=0.1, final_fraction=0.1)
+def test_warmup_cosine_values_and_its_deprecation():
+    with pytest.warns(DeprecationWarning, match='optax.schedules.warmup_cosine_decay_schedule'):
+        make = lion_optax.warmup_cosine_schedule
+    schedule = make(1e-4, 200, warmup_fraction=0.1, final_fraction=0.1)
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(0.5e-4)
     assert float(schedule(20)) == pytest.approx(1e-4)
@@ -54,4 +57,4 @@ def test_warmup_cosine_values():
 )
 def test_warmup_cosine_refuses_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        lion_optax.warmup_cosine_schedule(**kwargs)
+        schedules.warmup_cosine_schedule(**kwargs)

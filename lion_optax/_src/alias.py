@@ -9,10 +9,11 @@ from lion_optax._src import guard, options, sharding, validation
 from lion_optax._src import kappa as kappa_lib
 from lion_optax._src import param_rounding as param_rounding_lib
 from lion_optax._src import rounding as rounding_lib
+from lion_optax._src import weight_decay as weight_decay_lib
 from lion_optax._src.direction import scale_by_lion
 from lion_optax._src.options import Cautious, Diagnostics, InvalidHyperparameters, Nonfinite
 from lion_optax._src.rounding import Rounding
-from lion_optax._src.weight_decay import WeightDecayConvention, decay_and_learning_rate
+from lion_optax._src.weight_decay import FullyDecoupled, WeightDecayConvention
 
 
 def lion(
@@ -203,7 +204,7 @@ def lion(
         chain = param_rounding_lib.with_param_rounding(
             chain, seed=rounding.seed, step_count=lambda state: state[0].count
         )
-    checks = validation.runtime_checks(
+    checks = guard.runtime_checks(
         {'b1': b1, 'b2': b2},
         {'learning_rate': learning_rate, 'weight_decay': weight_decay},
     )
@@ -221,3 +222,38 @@ def lion(
         lambda params: sharding.place_like_params(transformation.init(params), params),
         transformation.update,
     )
+
+
+def decay_and_learning_rate(
+    weight_decay: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    convention: Any,
+    reference_learning_rate: float | None,
+    mask: Any | Callable[[optax.Params], Any] | None,
+) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """The two stages after the direction in :func:`lion` and :func:`distributed_lion`.
+
+    ``(add_decoupled_weight_decay(...), optax.scale_by_learning_rate(lr))``, to
+    be spliced into a flat ``optax.chain`` (so the state is optax.lion's). The
+    convention is a name or a :class:`FullyDecoupled` (``reference_learning_rate``:
+    lion_optax 0.2's keyword, already warned about by the caller); for
+    ``'fully_decoupled'`` the reference learning rate defaults to a constant
+    ``learning_rate``, and with a schedule it must be given.
+    """
+    name, reference = weight_decay_lib.resolve_convention(convention, reference_learning_rate)
+    if name == 'fully_decoupled' and reference is None:
+        if callable(learning_rate):
+            raise ValueError(
+                "weight_decay_convention='fully_decoupled' with a learning-rate "
+                'schedule needs the reference learning rate (the lr_ref in '
+                "lr_t / lr_ref, usually the schedule's peak): pass "
+                'weight_decay_convention=FullyDecoupled(reference_learning_rate=lr_ref).'
+            )
+        reference = learning_rate
+    decay = weight_decay_lib.add_decoupled_weight_decay(
+        weight_decay,
+        weight_decay_convention=FullyDecoupled(reference) if name == 'fully_decoupled' else 'paper',
+        mask=mask,
+    )
+    return decay, optax.scale_by_learning_rate(learning_rate)

@@ -9,12 +9,13 @@ compilers come with the ``accelerators`` extra (``pip install
 """
 
 import os
+import typing
 import warnings
 from typing import Any, Literal
 
 TPU_TOPOLOGIES = {'tpu v5e': 'v5e:2x2', 'tpu v5p': 'v5p:2x2x1', 'tpu v4': 'v4:2x2x1'}
 Target = Literal['tpu v5e', 'tpu v5p', 'tpu v4', 'gpu h100']
-TARGETS: tuple[str, ...] = (*TPU_TOPOLOGIES, 'gpu h100')
+TARGETS: tuple[str, ...] = typing.get_args(Target)
 
 # An NVIDIA H100 80GB HBM3 (SXM): 132 SMs, compute capability 9.0, 3.35 TB/s,
 # as the CUDA plugin's compiler reads a GPU's description (a GpuTargetConfig).

@@ -136,13 +136,13 @@ def _broadcast_mask(mask: Any, params: PyTree) -> PyTree:
 def _effective_decay(
     weight_decay: Any, convention: str, reference_learning_rate: float | None
 ) -> jax.Array:
+    """The paper convention's lambda (``convention`` and reference already checked)."""
     if callable(weight_decay):
         raise TypeError(
             'weight_decay is a schedule; pass its current value instead, e.g. '
             'weight_decay=schedule(step), since the feasible set moves with it.'
         )
     validation.check_nonnegative('weight_decay', weight_decay)
-    weight_decay_lib.check_convention(convention, reference_learning_rate)
     decay = jnp.asarray(weight_decay, jnp.float32)
     return weight_decay_lib.paper_equivalent_decay(decay, convention, reference_learning_rate)
 
@@ -151,11 +151,12 @@ def constraint_diagnostics(
     params: PyTree,
     *,
     weight_decay: Any,
-    kappa: str | kappa_lib.Kappa | Callable[..., Any] = 'sign',
+    kappa: kappa_lib.KappaLike = 'sign',
     mask: Any | Callable[[PyTree], Any] | None = None,
-    convention: str = 'paper',
-    reference_learning_rate: float | None = None,
+    weight_decay_convention: weight_decay_lib.WeightDecayConvention = 'paper',
     rtol: float = 1e-2,
+    convention: weight_decay_lib.WeightDecayConvention | None = None,
+    reference_learning_rate: float | None = None,
 ) -> ConstraintDiagnostics:
     r"""Measures the parameters against Lion-K's feasible set :math:`\|x\|_q \le 1/\lambda`.
 
@@ -188,12 +189,14 @@ def constraint_diagnostics(
             kappa must declare ``dual_norm``.
         mask: the decay mask given to the optimizer (tree of bools, a prefix of
             it, or a callable); arrays without decay are unconstrained.
-        convention: ``'paper'`` or ``'fully_decoupled'``, as for :func:`lion`.
-            With ``'fully_decoupled'``, :math:`\lambda` is
+        weight_decay_convention: ``'paper'`` or
+            ``FullyDecoupled(reference_learning_rate)``, as given to :func:`lion`.
+            With the latter, :math:`\lambda` is
             ``weight_decay / reference_learning_rate``.
-        reference_learning_rate: :math:`\eta_{\mathrm{ref}}` for
-            ``'fully_decoupled'``.
         rtol: relative tolerance of "at the bound", in ``[0, 1)``.
+        convention: deprecated: write ``weight_decay_convention=...``.
+        reference_learning_rate: deprecated: write
+            ``weight_decay_convention=FullyDecoupled(reference_learning_rate=...)``.
 
     Returns:
         A :class:`ConstraintDiagnostics`.
@@ -219,7 +222,11 @@ def constraint_diagnostics(
     rtol_value = validation.concrete_float(rtol)
     if rtol_value is None or not 0.0 <= rtol_value < 1.0:
         raise ValueError(f'rtol={rtol!r} is invalid: expected a number in [0, 1), e.g. 1e-2.')
-    decay = _effective_decay(weight_decay, convention, reference_learning_rate)
+    name, reference = weight_decay_lib.convention_of(
+        weight_decay_convention, convention=convention,
+        reference_learning_rate=reference_learning_rate,
+    )
+    decay = _effective_decay(weight_decay, name, reference)
     decayed = _broadcast_mask(mask, params)
     q = kappa_fn.dual_norm
     box = q == math.inf

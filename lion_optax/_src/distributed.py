@@ -3,8 +3,8 @@
 :func:`distributed_lion` chains :func:`scale_by_lion` (per worker),
 :func:`aggregate_signs` (the vote or average, see
 :mod:`lion_optax._src.sign_aggregation`), decoupled weight decay and the
-learning rate; :func:`distributed_init` and :func:`worker_state_specs` create
-and describe its per-worker state for ``jax.shard_map``.
+learning rate; :func:`distributed_init` creates its per-worker state and the
+``PartitionSpec`` tree that describes it for ``jax.shard_map``.
 """
 
 from collections.abc import Callable
@@ -15,12 +15,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from lion_optax._src import guard, validation
+from lion_optax._src import guard, options, validation
 from lion_optax._src import kappa as kappa_lib
+from lion_optax._src.alias import decay_and_learning_rate
 from lion_optax._src.direction import scale_by_lion
 from lion_optax._src.options import NONFINITE_MODES, Nonfinite
-from lion_optax._src.sign_aggregation import METHODS, Method, aggregate_signs, is_manual, is_varying
-from lion_optax._src.weight_decay import WeightDecayConvention, decay_and_learning_rate
+from lion_optax._src.sharding import is_manual, is_varying
+from lion_optax._src.sign_aggregation import METHODS, Method, aggregate_signs
+from lion_optax._src.weight_decay import WeightDecayConvention
 
 # ---------------------------------------------------------------------------
 # Skipping a step on every worker when any worker's gradient is not finite.
@@ -95,10 +97,10 @@ def distributed_lion(
     *,
     axis_name: str = 'data',
     method: Method = 'vote',
-    kappa: str | kappa_lib.Kappa = 'sign',
+    kappa: kappa_lib.KappaLike = 'sign',
     weight_decay_convention: WeightDecayConvention = 'paper',
-    reference_learning_rate: float | None = None,
     nonfinite: Nonfinite = 'zero',
+    reference_learning_rate: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Distributed Lion (Liu et al. 2024): per-worker momentum, signs on the wire.
 
@@ -143,10 +145,12 @@ def distributed_lion(
       axis_name: the ``shard_map`` mesh axis the workers run along.
       method: ``'vote'`` (majority vote) or ``'average'``.
       kappa: ``'sign'`` (or optax's name ``'hard'``); others are refused.
-      weight_decay_convention: ``'paper'`` or ``'fully_decoupled'``.
-      reference_learning_rate: :math:`\eta_{\mathrm{ref}}` for ``'fully_decoupled'``.
+      weight_decay_convention: ``'paper'``, ``'fully_decoupled'`` or
+        ``FullyDecoupled(reference_learning_rate)`` (see :func:`lion`).
       nonfinite: ``'zero'``, ``'skip_step'`` (on every worker) or
         ``'propagate'``: what a NaN or Inf gradient does (see :func:`lion`).
+      reference_learning_rate: deprecated: write
+        ``weight_decay_convention=FullyDecoupled(reference_learning_rate=...)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -178,6 +182,11 @@ def distributed_lion(
     """
     validation.check_nonnegative('learning_rate', learning_rate)
     validation.check_choice('method', method, METHODS)
+    options.deprecated(
+        'reference_learning_rate',
+        reference_learning_rate,
+        'weight_decay_convention=FullyDecoupled(reference_learning_rate=...)',
+    )
     resolved = kappa_lib.resolve_kappa(kappa)
     if not kappa_lib.is_sign(resolved):
         raise ValueError(
@@ -233,8 +242,9 @@ def worker_state_specs(state: Any, axis_name: str = 'data') -> Any:
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import lion_optax
+      >>> from lion_optax._src.distributed import worker_state_specs
       >>> tx = lion_optax.scale_by_lion()
-      >>> lion_optax.worker_state_specs(jax.eval_shape(tx.init, {'w': jnp.ones(3)}))
+      >>> worker_state_specs(jax.eval_shape(tx.init, {'w': jnp.ones(3)}))
       ScaleByLionState(count=P(), mu={'w': P('data',)})
     """
     return jax.tree.map(lambda leaf: P(axis_name) if jnp.ndim(leaf) else P(), state)
@@ -250,7 +260,7 @@ def distributed_init(
 
     Runs ``tx.init`` on every worker (inside ``shard_map`` over ``mesh``, the
     parameters replicated) and returns the state with the specs to pass to
-    ``shard_map`` for it (:func:`worker_state_specs`).
+    ``shard_map`` for it.
 
     Args:
       tx: the optimizer, e.g. :func:`distributed_lion`.

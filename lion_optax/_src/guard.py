@@ -36,6 +36,62 @@ from lion_optax._src import nonfinite as nonfinite_lib
 from lion_optax._src import validation
 from lion_optax._src.options import Diagnostics, InvalidHyperparameters
 
+# ---------------------------------------------------------------------------
+# Hyperparameters that are only known when the step runs.
+
+
+class RuntimeCheck(NamedTuple):
+    """One hyperparameter to check inside the step.
+
+    Attributes:
+      name: its argument name, for messages.
+      value: a schedule (a callable of the step count) or a traced/array value
+        (as ``optax.inject_hyperparams`` passes them).
+      kind: ``'probability'`` (in [0, 1]) or ``'nonnegative'`` (finite, >= 0).
+    """
+
+    name: str
+    value: Any
+    kind: str
+
+
+def runtime_checks(probabilities: dict[str, Any], nonnegatives: dict[str, Any]) -> list[RuntimeCheck]:
+    """The hyperparameters that construction could not check: schedules and traced values."""
+    checks = []
+    for kind, named in (('probability', probabilities), ('nonnegative', nonnegatives)):
+        for name, value in named.items():
+            if callable(value) or validation.concrete_float(value) is None:
+                checks.append(RuntimeCheck(name, value, kind))
+    return checks
+
+
+def runtime_values_valid(
+    checks: list[RuntimeCheck], count: jax.Array
+) -> tuple[jax.Array | None, list[tuple[str, jax.Array]]]:
+    """``(valid, [(name, value), ...])`` at step ``count``; ``(None, [])`` with no checks.
+
+    ``valid`` is a bool scalar: every value in range and not NaN (and finite
+    for ``'nonnegative'``). Schedules are evaluated at ``count``.
+    """
+    if not checks:
+        return None, []
+    valid = jnp.array(True)
+    values = []
+    for check in checks:
+        value = check.value(count) if callable(check.value) else check.value
+        value = jnp.asarray(value, jnp.float32)
+        if check.kind == 'probability':
+            ok = (value >= 0.0) & (value <= 1.0)
+        else:
+            ok = jnp.isfinite(value) & (value >= 0.0)
+        valid = valid & jnp.all(ok)
+        values.append((check.name, value))
+    return valid, values
+
+
+# ---------------------------------------------------------------------------
+# The state.
+
 
 class LionDiagnosticsState(NamedTuple):
     """State of :func:`lion` with ``diagnostics``: ``optax.lion``'s three states, then counters.
@@ -184,7 +240,7 @@ def _all(*flags: jax.Array | None) -> jax.Array | None:
 def guard_step(
     inner: optax.GradientTransformation,
     *,
-    checks: list[validation.RuntimeCheck],
+    checks: list[RuntimeCheck],
     step_count: Callable[[Any], jax.Array],
     skip_nonfinite_steps: bool = False,
     invalid_hyperparameters: InvalidHyperparameters = 'skip_step',
@@ -228,7 +284,7 @@ def guard_step(
     ) -> tuple[optax.Updates, Any]:
         inner_state = tuple(state[:3]) if diagnostics is not None else state
         count = step_count(inner_state)
-        valid, values = validation.runtime_values_valid(checks, count)
+        valid, values = runtime_values_valid(checks, count)
         finite = None
         if skip_nonfinite_steps or diagnostics is not None:
             finite = nonfinite_lib.all_finite(updates)

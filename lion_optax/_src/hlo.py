@@ -1,6 +1,6 @@
 """Reading compiled programs: the collectives a step runs and the bytes it moves.
 
-Tools for tests and benchmarks (``lion_optax.hlo``): :func:`hlo_collectives`
+Tools for tests and benchmarks (``lion_optax.hlo``): :func:`collectives`
 lists the collectives of a compiled program with the bytes each device sends,
 :func:`bytes_sent_per_device` sums them, and :func:`tree_bytes` counts the
 bytes a pytree occupies on one device.
@@ -42,11 +42,12 @@ _OP = re.compile(
     r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)'
     r'(?P<start>-start)?\('
 )
-_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+# An array in an HLO type: element type, dimensions, layout (``{1,0}``, ``{0:S(1)}``).
+_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?')
 
 
 class Collective(NamedTuple):
-    """One collective of a compiled program, as :func:`hlo_collectives` reads it.
+    """One collective of a compiled program, as :func:`collectives` reads it.
 
     Attributes:
       kind: ``'all-reduce'``, ``'all-gather'``, ``'reduce-scatter'``,
@@ -69,19 +70,17 @@ class Collective(NamedTuple):
     hlo: str
 
 
-def dtype_bits(name: str) -> int:
-    """Bits per element of an HLO element type (``'f32'``, ``'bf16'``, ``'s8'``, ``'f8e4m3fn'``...)."""
-    return _dtype_bits(name)
-
-
 def compiled_text(hlo: Any) -> str:
     """The optimised HLO text of a compiled or lowered program (or the text itself)."""
-    if hasattr(hlo, 'compile') and not hasattr(hlo, 'as_text'):
-        hlo = hlo.compile()
-    return hlo if isinstance(hlo, str) else hlo.as_text()
+    if isinstance(hlo, str):
+        return hlo
+    if isinstance(hlo, jax.stages.Lowered):
+        hlo = hlo.compile()  # a lowered program's own text is StableHLO, not XLA's
+    return hlo.as_text()
 
 
-def _dtype_bits(name: str) -> int:
+def dtype_bits(name: str) -> int:
+    """Bits per element of an HLO element type (``'f32'``, ``'bf16'``, ``'s8'``, ``'f8e4m3fn'``...)."""
     if name in _DTYPE_BITS:
         return _DTYPE_BITS[name]
     match = re.match(r'[a-z]+?(\d+)', name)  # f8e4m3fn and other narrow floats
@@ -90,14 +89,21 @@ def _dtype_bits(name: str) -> int:
     return int(match.group(1))
 
 
-def _arrays_bytes(shape_text: str) -> list[float]:
-    sizes = []
-    for dtype, dims in _ARRAY.findall(shape_text):
-        if dtype not in _DTYPE_BITS and not re.match(r'[fsu]\d', dtype):
-            continue  # e.g. the 'token' type or layout annotations
-        count = math.prod(int(d) for d in dims.split(',') if d) if dims else 1
-        sizes.append(count * _dtype_bits(dtype) / 8)
-    return sizes
+def arrays(type_text: str) -> list[tuple[float, str]]:
+    """``[(bytes, layout), ...]`` of every array in an HLO type, in order.
+
+    Non-array types (``token[]``) are skipped; ``layout`` is the text of the
+    layout annotation (``'{1,0}'``, ``'{0:S(1)}'``), or ``''`` where none is printed.
+    """
+    found = []
+    for dtype, dims, layout in _ARRAY.findall(type_text):
+        try:
+            bits = dtype_bits(dtype)
+        except ValueError:
+            continue
+        count = math.prod(int(d) for d in dims.split(',') if d)
+        found.append((count * bits / 8, layout))
+    return found
 
 
 def _group_size(line: str, total_devices: int) -> int:
@@ -118,7 +124,7 @@ def _group_size(line: str, total_devices: int) -> int:
     return total_devices
 
 
-def hlo_collectives(hlo: Any) -> list[Collective]:
+def collectives(hlo: Any) -> list[Collective]:
     """Lists the collectives of a compiled program and the bytes each device sends.
 
     Args:
@@ -132,8 +138,8 @@ def hlo_collectives(hlo: Any) -> list[Collective]:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from lion_optax.hlo import hlo_collectives
-      >>> hlo_collectives(jax.jit(jnp.sin).lower(jnp.ones(3)).compile())
+      >>> from lion_optax.hlo import collectives
+      >>> collectives(jax.jit(jnp.sin).lower(jnp.ones(3)).compile())
       []
     """
     text = compiled_text(hlo)
@@ -148,7 +154,7 @@ def hlo_collectives(hlo: Any) -> list[Collective]:
         if match is None:
             continue
         kind = match.group('op')
-        sizes = _arrays_bytes(match.group('shape'))
+        sizes = [size for size, _ in arrays(match.group('shape'))]
         if match.group('start') and kind == 'all-gather':
             sizes = sizes[len(sizes) // 2 :]  # (operands, results): keep the results
         elif match.group('start') and kind == 'collective-permute':
@@ -172,7 +178,7 @@ def hlo_collectives(hlo: Any) -> list[Collective]:
 def bytes_sent_per_device(hlo: Any) -> float:
     """Total bytes one device sends in the collectives of a compiled program.
 
-    The sum of :attr:`Collective.bytes_sent` over :func:`hlo_collectives`;
+    The sum of :attr:`Collective.bytes_sent` over :func:`collectives`;
     see there for the cost model.
 
     Args:
@@ -187,7 +193,7 @@ def bytes_sent_per_device(hlo: Any) -> float:
       >>> bytes_sent_per_device(jax.jit(jnp.cos).lower(jnp.ones(3)).compile())
       0.0
     """
-    return float(sum(c.bytes_sent for c in hlo_collectives(hlo)))
+    return float(sum(c.bytes_sent for c in collectives(hlo)))
 
 
 def _nbytes(x: Any) -> int:

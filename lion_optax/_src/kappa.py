@@ -39,8 +39,9 @@ to a tree of directions of the same structure and shapes, so global variants
 
 import inspect
 import math
+import typing
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,8 @@ from lion_optax._src.numerics import compute_dtype
 
 PyTree = Any
 
-SCOPES = ('leaf', 'global')
+Scope = Literal['leaf', 'global']
+SCOPES: tuple[str, ...] = typing.get_args(Scope)
 
 
 class Kappa(NamedTuple):
@@ -95,6 +97,17 @@ class Kappa(NamedTuple):
     preserves_sign: bool = False
     statistics: Callable[[PyTree], Any] | None = None
     apply: Callable[[PyTree, Any], PyTree] | None = None
+
+    @staticmethod
+    def of(kappa: 'KappaLike') -> 'Kappa':
+        """The :class:`Kappa` a ``kappa=`` option stands for (a name, a Kappa or a callable).
+
+        Example:
+            >>> import lion_optax
+            >>> print(lion_optax.Kappa.of('clip').describe().splitlines()[0])
+            kappa clip
+        """
+        return resolve_kappa(kappa)
 
     def describe(self) -> str:
         """A multi-line text with the name, ``K``, ``K*`` and the solved problem."""
@@ -149,7 +162,7 @@ def sign_kappa() -> Kappa:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from lion_optax import sign_kappa
+        >>> from lion_optax._src.kappa import sign_kappa
         >>> sign_kappa().fn({'w': jnp.array([-2.0, 0.0, 0.5])})['w']
         Array([-1.,  0.,  1.], dtype=float32)
     """
@@ -198,7 +211,7 @@ def clip_kappa() -> Kappa:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from lion_optax import clip_kappa
+        >>> from lion_optax._src.kappa import clip_kappa
         >>> clip_kappa().fn(jnp.array([-2.0, 0.25, 3.0]))
         Array([-1.  ,  0.25,  1.  ], dtype=float32)
     """
@@ -368,7 +381,7 @@ def _check_scope(scope: str) -> None:
     validation.check_choice('scope', scope, SCOPES)
 
 
-def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
+def lp_kappa(p: float, *, scope: Scope = 'leaf') -> Kappa:
     r"""The gradient of the lp norm, for ``p`` in ``[1, 2]``.
 
     .. math::
@@ -469,7 +482,7 @@ def lp_kappa(p: float, *, scope: str = 'leaf') -> Kappa:
     )
 
 
-def l2_kappa(*, scope: str = 'leaf') -> Kappa:
+def l2_kappa(*, scope: Scope = 'leaf') -> Kappa:
     r"""Normalised momentum: ``c / ||c||_2`` (0 where ``c`` is all zero).
 
     .. math::
@@ -494,7 +507,7 @@ def l2_kappa(*, scope: str = 'leaf') -> Kappa:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from lion_optax import l2_kappa
+        >>> from lion_optax._src.kappa import l2_kappa
         >>> l2_kappa(scope='global').fn({'a': jnp.array([3.0]), 'b': jnp.array([4.0])})
         {'a': Array([0.6], dtype=float32), 'b': Array([0.8], dtype=float32)}
     """
@@ -537,7 +550,7 @@ def custom_kappa(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from lion_optax import custom_kappa
+        >>> from lion_optax._src.kappa import custom_kappa
         >>> softsign = custom_kappa(lambda c: c / (1 + jnp.abs(c)), name='softsign')
         >>> softsign.fn(jnp.array([-1.0, 3.0]))
         Array([-0.5 ,  0.75], dtype=float32)
@@ -628,7 +641,7 @@ def resolve_kappa(kappa: KappaLike) -> Kappa:
         A :class:`Kappa`.
 
     Example:
-        >>> from lion_optax import resolve_kappa
+        >>> from lion_optax._src.kappa import resolve_kappa
         >>> resolve_kappa('refined').name
         'clip'
     """

@@ -20,7 +20,7 @@ bookkeeping) are neither traffic nor kernels. Compiled figures, not timings.
 import re
 from typing import Any, NamedTuple
 
-from lion_optax._src.hlo import compiled_text, dtype_bits
+from lion_optax._src.hlo import arrays, compiled_text
 
 # Instructions that launch no kernel of their own.
 _FREE_OPS = frozenset({
@@ -30,7 +30,6 @@ _FREE_OPS = frozenset({
     'slice-done', 'send-done', 'recv-done',
 })
 _SMALL = 4096  # bytes: below this an instruction is bookkeeping, not a kernel
-_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$')
 _ON_CHIP = re.compile(r'S\(([1-9]\d*)\)')
 
@@ -51,17 +50,7 @@ class Traffic(NamedTuple):
 
 def _arrays(type_text: str) -> list[tuple[float, bool]]:
     """``[(bytes, in_main_memory), ...]`` of every array in an HLO type."""
-    found = []
-    for dtype, dims, layout in _ARRAY.findall(type_text):
-        try:
-            bits = dtype_bits(dtype)
-        except ValueError:
-            continue  # 'token' and other non-array types
-        count = 1
-        for d in filter(None, dims.split(',')):
-            count *= int(d)
-        found.append((count * bits / 8, not _ON_CHIP.search(layout or '')))
-    return found
+    return [(size, not _ON_CHIP.search(layout)) for size, layout in arrays(type_text)]
 
 
 def _split_top_level(type_text: str) -> list[str]:

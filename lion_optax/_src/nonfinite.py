@@ -2,11 +2,12 @@
 
 :func:`scale_by_lion` already counts non-finite gradient *elements* as zero by
 default, at no cost. This module holds the alternative that skips the *whole*
-step: :func:`skip_step_if_nonfinite` (no state of its own, as
-``lion(nonfinite='skip_step')`` uses it) and :func:`skip_nonfinite`, the same
-plus a count of the skipped steps in its state.
+step of any optax transformation, :func:`skip_nonfinite` (with a count of the
+skipped steps in its state), and :func:`all_finite`, which lion's own guard
+(``lion(nonfinite='skip_step')``, :mod:`lion_optax._src.guard`) uses too.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -56,71 +57,29 @@ def _skip_if(
     return updates, optax.tree.where(finite, new_state, old_state)
 
 
-def skip_step_if_nonfinite(
-    inner: optax.GradientTransformation,
-    *,
-    combine_across_workers: Callable[[jax.Array], jax.Array] | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Skips every step whose gradient holds a NaN or an Inf, anywhere; no state added.
-
-    .. math::
-
-      (u_t, S_{t+1}) = \begin{cases}
-        \mathrm{inner}(g_t, S_t) & \text{every element of } g_t
-          \text{ finite} \\
-        (0, S_t) & \text{otherwise}
-      \end{cases}
-
-    A skipped step changes nothing: the parameters (the update is zero, weight
-    decay included), the momentum, and the step counts that drive schedules;
-    the state is ``inner``'s own. The check reads the gradient once more (4
-    bytes per float32 parameter) and, under sharding, all-reduces one scalar.
-    :func:`skip_nonfinite` is the same with a count of skipped steps.
-
-    Args:
-      inner: the transformation to protect.
-      combine_across_workers: for data-parallel code where each worker sees
-        its own gradient (inside ``shard_map``): maps this worker's bool
-        "all finite" scalar to the decision every worker shares (e.g. a
-        ``pmin`` over the data axis), so that no replica steps alone.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optax
-      >>> from lion_optax._src.nonfinite import skip_step_if_nonfinite
-      >>> tx = skip_step_if_nonfinite(optax.sgd(0.1))
-      >>> params = jnp.array([1.0, 2.0])
-      >>> updates, state = tx.update(jnp.array([jnp.nan, 1.0]), tx.init(params), params)
-      >>> updates
-      Array([0., 0.], dtype=float32)
-    """
-    inner = optax.with_extra_args_support(inner)
-
-    def update_fn(
-        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra_args: Any
-    ) -> tuple[optax.Updates, Any]:
-        finite = all_finite(updates)
-        if combine_across_workers is not None:
-            finite = combine_across_workers(finite)
-        new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        return _skip_if(finite, new_updates, new_state, state)
-
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
-
-
 class SkipNonfiniteState(NamedTuple):
     """State of :func:`skip_nonfinite`.
 
     Attributes:
       inner_state: the wrapped transformation's state.
-      skipped_steps: how many steps were skipped so far (int32 scalar).
+      nonfinite_gradient_steps: how many steps were skipped so far for a
+        non-finite gradient (int32 scalar; the counter of the same name in
+        :class:`LionDiagnosticsState`).
     """
 
     inner_state: Any
-    skipped_steps: jax.Array
+    nonfinite_gradient_steps: jax.Array
+
+    @property
+    def skipped_steps(self) -> jax.Array:
+        """Deprecated name of :attr:`nonfinite_gradient_steps`."""
+        warnings.warn(
+            'SkipNonfiniteState.skipped_steps is deprecated: write '
+            'state.nonfinite_gradient_steps instead (the name LionDiagnosticsState uses).',
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.nonfinite_gradient_steps
 
 
 def skip_nonfinite(
@@ -138,7 +97,7 @@ def skip_nonfinite(
         (0, S_t) & \text{otherwise}
       \end{cases}
 
-    As :func:`lion` with ``nonfinite='skip_step'``, plus ``skipped_steps`` in
+    As :func:`lion` with ``nonfinite='skip_step'``, plus ``nonfinite_gradient_steps`` in
     the state, so a training loop can log or stop on it. This is the one line
     that turns the count on: ``tx = lion_optax.skip_nonfinite(lion_optax.lion(lr))``.
     A skipped step changes nothing: parameters (weight decay included),
@@ -164,14 +123,14 @@ def skip_nonfinite(
       >>> params = jnp.array([1.0])
       >>> state = tx.init(params)
       >>> updates, state = tx.update(jnp.array([jnp.nan]), state, params)
-      >>> updates, state.skipped_steps
+      >>> updates, state.nonfinite_gradient_steps
       (Array([0.], dtype=float32), Array(1, dtype=int32))
     """
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> SkipNonfiniteState:
         state = SkipNonfiniteState(
-            inner_state=inner.init(params), skipped_steps=jnp.zeros([], jnp.int32)
+            inner_state=inner.init(params), nonfinite_gradient_steps=jnp.zeros([], jnp.int32)
         )
         return sharding.place_like_params(state, params)
 
@@ -186,7 +145,8 @@ def skip_nonfinite(
             finite = combine_across_workers(finite)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         new_updates, new_inner = _skip_if(finite, new_updates, new_inner, state.inner_state)
-        skipped = jnp.where(finite, state.skipped_steps, optax.safe_increment(state.skipped_steps))
-        return new_updates, SkipNonfiniteState(inner_state=new_inner, skipped_steps=skipped)
+        count = state.nonfinite_gradient_steps
+        count = jnp.where(finite, count, optax.safe_increment(count))
+        return new_updates, SkipNonfiniteState(inner_state=new_inner, nonfinite_gradient_steps=count)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -26,7 +26,7 @@ GROUP = 4
 
 def reduce_leaves(
     leaves: Sequence[Operands],
-    init: Operands,
+    init: tuple[float | jax.Array, ...],
     combine: Callable[[Operands, Operands], Operands],
 ) -> list[Operands]:
     """Reduces each leaf's operands over all their axes, same-shaped leaves together.

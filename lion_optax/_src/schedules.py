@@ -107,7 +107,7 @@ def warmup_cosine_schedule(
       An ``optax.Schedule``.
 
     Example:
-      >>> from lion_optax import warmup_cosine_schedule
+      >>> from lion_optax._src.schedules import warmup_cosine_schedule
       >>> schedule = warmup_cosine_schedule(1e-4, total_steps=1000)
       >>> round(float(schedule(50)), 8), round(float(schedule(1000)), 8)
       (0.0001, 1e-05)

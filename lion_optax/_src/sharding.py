@@ -10,12 +10,10 @@ placement that keeps an eagerly built state from recompiling the step
 replicated parameters along the data axis (:func:`shard_optimizer_state`).
 """
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -24,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 # Zeros with the parameter's sharding.
 
 
-def _mesh_axis_types(x: Any) -> tuple[Any, ...]:
+def mesh_axis_types(x: Any) -> tuple[Any, ...]:
     """The axis types of the mesh ``x``'s abstract value lives on (() if none)."""
     sharding = getattr(jax.typeof(x), 'sharding', None)
     mesh = getattr(sharding, 'mesh', None)
@@ -33,7 +31,7 @@ def _mesh_axis_types(x: Any) -> tuple[Any, ...]:
     return tuple(mesh.axis_types)
 
 
-def _as_jit_returns(sharding: Any, ndim: int) -> Any:
+def as_jit_returns(sharding: Any, ndim: int) -> Any:
     """A NamedSharding's spec written as a jitted step returns it.
 
     ``P('data')``, ``P('data', None)`` and (for a matrix) ``P()`` and
@@ -86,7 +84,7 @@ def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from lion_optax import zeros_like_sharded
+      >>> from lion_optax._src.sharding import zeros_like_sharded
       >>> x = jnp.ones((2, 3))
       >>> z = jax.jit(lambda p: zeros_like_sharded(p, jnp.bfloat16))(x)
       >>> z.dtype, z.shape, z.sharding == x.sharding
@@ -97,10 +95,10 @@ def zeros_like_sharded(x: Any, dtype: Any = None) -> jax.Array:
         # Committed like x: an uncommitted parameter gets uncommitted zeros, so
         # that the state's arrays look like the step's outputs and the jitted
         # step compiles once.
-        return jnp.zeros(x.shape, dtype, device=_as_jit_returns(x.sharding, x.ndim) if x.committed else None)
+        return jnp.zeros(x.shape, dtype, device=as_jit_returns(x.sharding, x.ndim) if x.committed else None)
     if not isinstance(x, jax.Array):  # NumPy arrays, Python scalars
         return jnp.zeros(jnp.shape(x), dtype)
-    axis_types = _mesh_axis_types(x)
+    axis_types = mesh_axis_types(x)
     zeros = jnp.zeros_like(x, dtype=dtype)  # takes explicit axes from x's type
     if AxisType.Manual in axis_types:
         return zeros
@@ -162,140 +160,16 @@ def place_like_params(state: Any, params: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# ZeRO-style state sharding for replicated parameters.
+# Inside shard_map: which axes are manual, which values vary over them.
 
 
-def _concrete_mesh(mesh: Any) -> jax.sharding.Mesh:
-    if mesh is not None:
-        return mesh
-    current = jax.sharding.get_mesh()
-    if current is None or current.empty:
-        raise ValueError(
-            'shard_optimizer_state needs a mesh: pass mesh=... or call it inside '
-            '`with jax.set_mesh(mesh):`. No mesh was given and none is set.'
-        )
-    return current
+def is_manual(axis_name: str) -> bool:
+    """True inside ``shard_map`` over ``axis_name`` (False under ``vmap``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and axis_name in getattr(mesh, 'manual_axes', ())
 
 
-def _zero_spec(shape: Sequence[int], axis_name: str, axis_size: int) -> P | None:
-    """``axis_name`` on the first dimension it divides; other dims left to XLA."""
-    for dim, size in enumerate(shape):
-        if size % axis_size == 0 and size >= axis_size:
-            rest = [P.UNCONSTRAINED] * (len(shape) - dim - 1)
-            return P(*([P.UNCONSTRAINED] * dim), axis_name, *rest)
-    return None
-
-
-def shard_optimizer_state(
-    inner: optax.GradientTransformation,
-    axis_name: str = 'data',
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""ZeRO-style: shards the optimizer state of replicated parameters along a mesh axis.
-
-    With plain data parallelism every device holds the whole parameters and,
-    by default, the whole optimizer state. Wrapping the optimizer in this
-    transformation keeps each state array (Lion's momentum) split along
-    ``axis_name``: the first dimension of each array that the axis size
-    divides is sharded, the others are left for XLA to choose (so a
-    ``model``-axis sharding of the parameter is kept). Arrays with no such
-    dimension, and scalars, stay replicated. Per device, the state takes
-    about ``1 / axis_size`` of its replicated size.
-
-    Each device then computes the step for its slice of the momentum and the
-    update is gathered back to the parameters' sharding: one all-gather of
-    the update (in the parameters' dtype) per step, which ``jit`` inserts.
-    Parameters, gradients and updates keep their own shardings.
-
-    .. math::
-
-      \text{state bytes per device} \approx
-        \frac{\text{replicated state bytes}}{|\text{axis}|}, \qquad
-      \text{traffic per step} \approx \frac{|\text{axis}| - 1}{|\text{axis}|}
-        \,\text{bytes}(\text{update}).
-
-    For meshes whose axes are ``Auto`` (``jax.sharding.Mesh(...)`` or
-    ``jax.make_mesh(..., axis_types=(AxisType.Auto, ...))``); on an
-    ``Explicit`` mesh the momentum and the gradient would carry different
-    shardings in their types, which ``jit`` refuses, so this raises there.
-
-    Args:
-      inner: the optimizer, e.g. ``lion_optax.lion(1e-4)``.
-      axis_name: the mesh axis to shard the state along (the data axis).
-      mesh: the mesh; defaults to the one set with ``jax.set_mesh``.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state
-      (same structure, sharded).
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jax.sharding import AxisType
-      >>> import lion_optax
-      >>> mesh = jax.make_mesh((1,), ('data',), axis_types=(AxisType.Auto,))
-      >>> tx = lion_optax.shard_optimizer_state(lion_optax.lion(1e-3), 'data', mesh=mesh)
-      >>> params = {'w': jnp.zeros((4, 2))}
-      >>> state = jax.jit(tx.init)(params)
-      >>> updates, state = jax.jit(tx.update)(params, state, params)
-      >>> lion_optax.hlo.tree_bytes(state[0].mu)  # 1 device: nothing to split
-      32
-
-    References:
-      Rajbhandari et al., `ZeRO: Memory Optimizations Toward Training Trillion
-      Parameter Models <https://arxiv.org/abs/1910.02054>`_, 2020.
-    """
-    if not isinstance(axis_name, str):
-        raise TypeError(f'axis_name must be the name of one mesh axis (a str), got {axis_name!r}.')
-    inner = optax.with_extra_args_support(inner)
-
-    def constrain(tree: Any) -> Any:
-        resolved = _concrete_mesh(mesh)
-        if axis_name not in resolved.axis_names:
-            raise ValueError(
-                f'axis_name={axis_name!r} is not an axis of the mesh, whose axes are '
-                f'{resolved.axis_names}. Pass one of those.'
-            )
-        axis_type = dict(zip(resolved.axis_names, resolved.axis_types))[axis_name]
-        if axis_type != AxisType.Auto:
-            raise ValueError(
-                f'shard_optimizer_state needs the mesh axis {axis_name!r} to be of '
-                f'type AxisType.Auto, but it is {axis_type}. '
-                'Build the mesh with axis_types=(AxisType.Auto, ...), or on an '
-                'Explicit mesh shard the parameters themselves (FSDP) instead.'
-            )
-        size = resolved.shape[axis_name]
-        if size == 1:
-            return tree  # nothing to split (and jit returns such arrays unconstrained)
-
-        def one(leaf: Any) -> Any:
-            spec = _zero_spec(jnp.shape(leaf), axis_name, size) if jnp.ndim(leaf) else None
-            if spec is None:
-                return leaf
-            if not isinstance(leaf, jax.core.Tracer):
-                # Eagerly, UNCONSTRAINED means "keep what you have": replicated here.
-                spec = P(*(None if s is P.UNCONSTRAINED else s for s in spec))
-                target = _as_jit_returns(NamedSharding(resolved, spec), jnp.ndim(leaf))
-                return jax.device_put(leaf, target)
-            return jax.lax.with_sharding_constraint(leaf, NamedSharding(resolved, spec))
-
-        return jax.tree.map(one, tree)
-
-    def init_fn(params: optax.Params) -> Any:
-        return place_like_params(constrain(inner.init(params)), params)
-
-    def update_fn(
-        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
-    ) -> tuple[optax.Updates, Any]:
-        grads = updates
-        updates, state = inner.update(updates, state, params, **extra)
-        like = params if params is not None else grads
-
-        def gather(reference: Any, update: Any) -> Any:
-            if isinstance(update, jax.core.Tracer) and AxisType.Auto in _mesh_axis_types(update):
-                return shard_alike(reference, update)[1]
-            return update
-
-        return jax.tree.map(gather, like, updates), constrain(state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def is_varying(x: jax.Array, axis_name: str) -> bool:
+    """True when ``x`` (inside ``shard_map``) may differ between the workers of ``axis_name``."""
+    mat = getattr(jax.typeof(x), 'mat', None)
+    return mat is not None and axis_name in mat.varying

@@ -37,11 +37,12 @@ bytes against ``(N-1)/N * 8 P`` for a float32 ring all-reduce, 1/20 at any
 ``log2(2N+1)`` bits: 1/10.4 of the all-reduce at ``N = 8``, 1/5.2 at
 ``N = 256``. Gathering every worker's 1-bit signs instead (an ``all_gather``)
 costs ``(N-1) P / 8`` bytes per device: 1/8 of the all-reduce at ``N = 8``
-but 4x more than it at ``N = 256``. :func:`sign_layout` gives the exact
+but 4x more than it at ``N = 256``. :func:`~lion_optax.hlo.sign_layout` gives the exact
 numbers (padding included) for any model and ``N``.
 """
 
 import math
+import typing
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -50,9 +51,10 @@ import jax.numpy as jnp
 import optax
 
 from lion_optax._src import validation
+from lion_optax._src.sharding import is_manual, is_varying
 
 Method = Literal['vote', 'average']
-METHODS = ('vote', 'average')
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 # ---------------------------------------------------------------------------
 # Packing small integers into uint32 words.
@@ -154,7 +156,7 @@ def unpack_digits(words: jax.Array, base: int, count: int) -> jax.Array:
 
 
 class SignLayout(NamedTuple):
-    """How :func:`aggregate_signs` lays ``num_params`` signs out for ``num_workers``.
+    """How :func:`~lion_optax.aggregate_signs` lays ``num_params`` signs out for ``num_workers``.
 
     Attributes:
       num_params: signs per worker (the parameters' total size).
@@ -198,7 +200,7 @@ def _leaf_words(sizes: Sequence[int], per_word: int) -> list[int]:
 def sign_layout(
     num_params: int | Sequence[int], num_workers: int, method: Method = 'vote'
 ) -> SignLayout:
-    """The packing and traffic of :func:`aggregate_signs` for a model and a worker count.
+    """The packing and traffic of :func:`~lion_optax.aggregate_signs` for a model and a worker count.
 
     Args:
       num_params: the parameters' total number of elements, or the sizes of
@@ -212,7 +214,7 @@ def sign_layout(
       ``fp32_allreduce_bytes`` give the traffic analysis for any scale.
 
     Example:
-      >>> from lion_optax import sign_layout
+      >>> from lion_optax.hlo import sign_layout
       >>> layout = sign_layout(10**9, 256, 'vote')
       >>> round(layout.fp32_allreduce_bytes / layout.bytes_sent_per_device, 1)
       20.0
@@ -241,17 +243,6 @@ def sign_layout(
 def _ternary(u: jax.Array) -> jax.Array:
     """``sign(u)`` as int8, with NaN -> 0 (a worker with a NaN abstains)."""
     return jnp.where(u > 0, 1, jnp.where(u < 0, -1, 0)).astype(jnp.int8)
-
-
-def is_manual(axis_name: str) -> bool:
-    """True inside ``shard_map`` over ``axis_name`` (False under ``vmap``)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and axis_name in getattr(mesh, 'manual_axes', ())
-
-
-def is_varying(x: jax.Array, axis_name: str) -> bool:
-    mat = getattr(jax.typeof(x), 'mat', None)
-    return mat is not None and axis_name in mat.varying
 
 
 def _pack_leaf(update: jax.Array, per_word: int) -> jax.Array:
@@ -354,7 +345,7 @@ def aggregate_signs(
     Communication, per step and device: the signs as packed ternary digits
     (1.6 bits each) in one ``all_to_all``, and the aggregated values packed
     (1.6 bits for the vote, ``log2(2N+1)`` rounded to fit a uint32 word for
-    the average) in one ``all_gather``; see :func:`sign_layout` for the
+    the average) in one ``all_gather``; see :func:`~lion_optax.hlo.sign_layout` for the
     bytes. All leaves travel together in one pair of collectives.
 
     Args:

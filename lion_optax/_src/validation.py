@@ -1,4 +1,7 @@
-"""Checks of static options, run when a transformation is built.
+"""Checks of options, run when a transformation is built (or a step is traced).
+
+(The checks of values only known when a step runs, schedules and injected
+hyperparameters, are the guard's: :mod:`lion_optax._src.guard`.)
 
 Every check raises an error that says what was wrong, what was expected and how
 to fix it, so that a bad option fails at construction instead of at the first
@@ -7,7 +10,7 @@ to fix it, so that a bad option fails at construction instead of at the first
 
 import math
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -364,70 +367,3 @@ def check_matching_trees(
                 "would silently change the parameters' shape); pass a gradient "
                 'of the same shape as the parameter.'
             )
-
-
-
-# ---------------------------------------------------------------------------
-# Hyperparameters that are only known when the step runs.
-
-
-class RuntimeCheck(NamedTuple):
-    """One hyperparameter to check inside the step.
-
-    Attributes:
-      name: its argument name, for messages.
-      value: a schedule (a callable of the step count) or a traced/array value
-        (as ``optax.inject_hyperparams`` passes them).
-      kind: ``'probability'`` (in [0, 1]) or ``'nonnegative'`` (finite, >= 0).
-    """
-
-    name: str
-    value: Any
-    kind: str
-
-
-def runtime_checks(probabilities: dict[str, Any], nonnegatives: dict[str, Any]) -> list[RuntimeCheck]:
-    """The hyperparameters that construction could not check: schedules and traced values."""
-    checks = []
-    for kind, named in (('probability', probabilities), ('nonnegative', nonnegatives)):
-        for name, value in named.items():
-            if callable(value) or concrete_float(value) is None:
-                checks.append(RuntimeCheck(name, value, kind))
-    return checks
-
-
-def runtime_values_valid(
-    checks: list[RuntimeCheck], count: jax.Array
-) -> tuple[jax.Array | None, list[tuple[str, jax.Array]]]:
-    """``(valid, [(name, value), ...])`` at step ``count``; ``(None, [])`` with no checks.
-
-    ``valid`` is a bool scalar: every value in range and not NaN (and finite
-    for ``'nonnegative'``). Schedules are evaluated at ``count``.
-    """
-    if not checks:
-        return None, []
-    valid = jnp.array(True)
-    values = []
-    for check in checks:
-        value = check.value(count) if callable(check.value) else check.value
-        value = jnp.asarray(value, jnp.float32)
-        if check.kind == 'probability':
-            ok = (value >= 0.0) & (value <= 1.0)
-        else:
-            ok = jnp.isfinite(value) & (value >= 0.0)
-        valid = valid & jnp.all(ok)
-        values.append((check.name, value))
-    return valid, values
-
-
-def raise_if_invalid(valid: Any, step: Any, names: tuple[str, ...], *values: Any) -> None:
-    """Host callback: raises FloatingPointError naming every invalid value and the step."""
-    if bool(valid):
-        return
-    shown = ', '.join(f'{name}={np.asarray(value).tolist()!r}' for name, value in zip(names, values))
-    raise FloatingPointError(
-        f'Invalid hyperparameter at step {int(step)}: {shown}. Expected b1 and b2 in [0, 1] '
-        'and learning_rate, weight_decay finite and >= 0. The step was skipped (parameters and '
-        'momentum unchanged). Check the schedule or the value set through '
-        'optax.inject_hyperparams.'
-    )

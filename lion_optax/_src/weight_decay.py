@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lion_optax._src import validation
+from lion_optax._src import options, validation
 from lion_optax._src.numerics import compute_dtype
 
 WeightDecayConventionName = Literal['paper', 'fully_decoupled']
@@ -47,8 +47,8 @@ def resolve_convention(
 ) -> tuple[str, float | None]:
     """``(name, reference learning rate)`` of a convention given as a name or :class:`FullyDecoupled`.
 
-    ``reference_learning_rate`` is the separate (deprecated in :func:`lion`)
-    keyword; it may only go with ``'fully_decoupled'``.
+    ``reference_learning_rate`` is the separate keyword of lion_optax 0.2
+    (deprecated); it may only go with ``'fully_decoupled'``.
     """
     if isinstance(convention, FullyDecoupled):
         if reference_learning_rate is not None:
@@ -79,18 +79,51 @@ def check_convention(convention: str, reference_learning_rate: float | None) -> 
     if convention == 'fully_decoupled':
         if reference_learning_rate is None:
             raise ValueError(
-                "convention='fully_decoupled' scales the decay by lr_t / lr_ref "
-                'and needs reference_learning_rate=lr_ref (usually the peak '
-                'learning rate of your schedule). Pass it, or use '
-                "convention='paper'."
+                "weight_decay_convention='fully_decoupled' scales the decay by lr_t / lr_ref "
+                'and needs lr_ref (usually the peak learning rate of your schedule): pass '
+                'weight_decay_convention=FullyDecoupled(reference_learning_rate=lr_ref), or '
+                "use weight_decay_convention='paper'."
             )
-        validation.check_positive('reference_learning_rate', reference_learning_rate)
+        validation.check_positive('FullyDecoupled(reference_learning_rate=...)',
+                                  reference_learning_rate)
     elif reference_learning_rate is not None:
         raise ValueError(
-            "reference_learning_rate is only used with convention='fully_decoupled'"
-            f'; got it with convention={convention!r}. Remove it, or choose '
-            "convention='fully_decoupled'."
+            "reference_learning_rate is only used with weight_decay_convention='fully_decoupled'"
+            f'; got it with weight_decay_convention={convention!r}. Remove it, or pass '
+            'weight_decay_convention=FullyDecoupled(reference_learning_rate=...).'
         )
+
+
+def convention_of(
+    weight_decay_convention: Any,
+    *,
+    convention: Any = None,
+    reference_learning_rate: float | None = None,
+    stacklevel: int = 4,
+) -> tuple[str, float | None]:
+    """``(name, reference)`` of the option, folding in lion_optax 0.2's keywords (deprecated).
+
+    ``convention`` (0.2's name of ``weight_decay_convention`` in
+    :func:`add_decoupled_weight_decay` and :func:`constraint_diagnostics`) and
+    ``reference_learning_rate`` each warn with what to write instead.
+    """
+    if options.deprecated('convention', convention, 'weight_decay_convention=...',
+                          stacklevel=stacklevel) is not None:
+        if weight_decay_convention != 'paper':
+            raise ValueError(
+                'convention and weight_decay_convention both set the convention: pass only '
+                f'weight_decay_convention={convention!r}.'
+            )
+        weight_decay_convention = convention
+    options.deprecated(
+        'reference_learning_rate',
+        reference_learning_rate,
+        'weight_decay_convention=FullyDecoupled(reference_learning_rate=...)',
+        stacklevel=stacklevel,
+    )
+    name, reference = resolve_convention(weight_decay_convention, reference_learning_rate)
+    check_convention(name, reference)
+    return name, reference
 
 
 def paper_equivalent_decay(
@@ -110,9 +143,10 @@ def paper_equivalent_decay(
 def add_decoupled_weight_decay(
     weight_decay: optax.ScalarOrSchedule = 1e-3,
     *,
-    convention: WeightDecayConvention = 'paper',
-    reference_learning_rate: float | None = None,
+    weight_decay_convention: WeightDecayConvention = 'paper',
     mask: Any | Callable[[optax.Params], Any] | None = None,
+    convention: WeightDecayConvention | None = None,
+    reference_learning_rate: float | None = None,
 ) -> optax.GradientTransformation:
     r"""Adds decoupled weight decay to a direction, before the learning rate.
 
@@ -140,13 +174,15 @@ def add_decoupled_weight_decay(
 
     Args:
       weight_decay: :math:`\lambda`, a float >= 0 or a schedule of the step.
-      convention: ``'paper'``, ``'fully_decoupled'`` or
-        ``FullyDecoupled(reference_learning_rate)``.
-      reference_learning_rate: :math:`\eta_{\mathrm{ref}}` (usually the peak
-        learning rate), required for ``'fully_decoupled'``; must be > 0.
+      weight_decay_convention: ``'paper'`` or
+        ``FullyDecoupled(reference_learning_rate)`` (:math:`\eta_{\mathrm{ref}}`,
+        usually the peak learning rate, > 0).
       mask: a pytree of booleans with the params' structure (or a prefix), or
         a callable returning one from the params; ``False`` leaves (biases,
         norm scales) get no decay.
+      convention: deprecated: write ``weight_decay_convention=...``.
+      reference_learning_rate: deprecated: write
+        ``weight_decay_convention=FullyDecoupled(reference_learning_rate=...)``.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params`` unless
@@ -162,8 +198,10 @@ def add_decoupled_weight_decay(
       Array([1.2], dtype=float32)
     """
     validation.check_nonnegative('weight_decay', weight_decay)
-    name, reference_learning_rate = resolve_convention(convention, reference_learning_rate)
-    check_convention(name, reference_learning_rate)
+    name, reference_learning_rate = convention_of(
+        weight_decay_convention, convention=convention,
+        reference_learning_rate=reference_learning_rate,
+    )
     if mask is not None and not callable(mask):
         if not jax.tree.leaves(mask):
             raise ValueError('mask is an empty tree; pass None to decay every leaf.')
@@ -226,38 +264,3 @@ def add_decoupled_weight_decay(
     if checked_mask is not None:
         return optax.masked(transformation, checked_mask)
     return transformation
-
-
-def decay_and_learning_rate(
-    weight_decay: optax.ScalarOrSchedule,
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    convention: Any,
-    reference_learning_rate: float | None,
-    mask: Any | Callable[[optax.Params], Any] | None,
-) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """The two stages after the direction in the optimizer aliases: decay, then the step.
-
-    ``(add_decoupled_weight_decay(...), optax.scale_by_learning_rate(lr))``, to
-    be spliced into a flat ``optax.chain`` (so the state is optax.lion's). The
-    convention is a name or a :class:`FullyDecoupled`; for
-    ``'fully_decoupled'`` the reference learning rate defaults to a constant
-    ``learning_rate``; with a schedule it must be given.
-    """
-    convention, reference_learning_rate = resolve_convention(convention, reference_learning_rate)
-    if convention == 'fully_decoupled' and reference_learning_rate is None:
-        if callable(learning_rate):
-            raise ValueError(
-                "weight_decay_convention='fully_decoupled' with a learning-rate "
-                'schedule needs the reference learning rate (the lr_ref in '
-                "lr_t / lr_ref, usually the schedule's peak): pass "
-                'weight_decay_convention=FullyDecoupled(reference_learning_rate=lr_ref).'
-            )
-        reference_learning_rate = learning_rate
-    decay = add_decoupled_weight_decay(
-        weight_decay,
-        convention=convention,
-        reference_learning_rate=reference_learning_rate,
-        mask=mask,
-    )
-    return decay, optax.scale_by_learning_rate(learning_rate)
