@@ -19,8 +19,8 @@ These are compiler figures, not timings.
 
 Usage::
 
-    python benchmarks/accelerator_step.py            # full (about 10-15 min on 2 cores)
-    python benchmarks/accelerator_step.py --quick    # the large leaf, GPT-2 on H100 (< 3 min)
+    python -m benchmarks.accelerator_step            # full (about 10-15 min on 2 cores)
+    python -m benchmarks.accelerator_step --quick    # the large leaf, GPT-2 on H100 (< 3 min)
 
 Needs the compilers: ``pip install -e ".[accelerators,bench]"``. Writes
 ``accelerator_step.json``, ``accelerator_step.md`` and ``accelerator_step.png``
@@ -33,7 +33,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # this machine runs nothing on an
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -44,13 +43,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _machine import machine, machine_line  # noqa: E402
-
 import lion_optax  # noqa: E402
 from lion_optax import hlo  # noqa: E402
+
+from ._machine import machine, machine_line  # noqa: E402
 
 LR, WD = 1e-4, 0.1
 PER_DEVICE = (4096, 4096)
@@ -279,7 +275,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.accelerator_step', description=__doc__.split('\n\n')[0]
+    )
     parser.add_argument('--quick', action='store_true',
                         help='the large leaf on every target; GPT-2 on H100 only, 1 round')
     parser.add_argument('--out', default='results/accelerator_step/', help='output folder')

@@ -15,15 +15,14 @@ optax.lion are taken round by round, then the median.
 
 Usage::
 
-    python benchmarks/compile_time.py            # full (about 10 min on 2 cores)
-    python benchmarks/compile_time.py --quick    # 12 and 24 blocks, 1 round (< 2 min)
+    python -m benchmarks.compile_time            # full (about 10 min on 2 cores)
+    python -m benchmarks.compile_time --quick    # 12 and 24 blocks, 1 round (< 2 min)
 
 Writes ``compile_time.json``, ``compile_time.md`` and ``compile_time.png`` to ``--out``.
 """
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,13 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lion_optax
 
-from _machine import machine, machine_line  # noqa: E402
-from _model_trees import gpt_tree, vit_tree  # noqa: E402
-
-import lion_optax  # noqa: E402
+from ._machine import machine, machine_line
+from ._model_trees import gpt_tree, vit_tree
 
 LR, WD = 1e-4, 0.1
 
@@ -183,7 +179,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.compile_time', description=__doc__.split('\n\n')[0]
+    )
     parser.add_argument('--quick', action='store_true', help='12 and 24 blocks, 1 round')
     parser.add_argument('--out', default='results/compile_time/', help='output folder')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds')

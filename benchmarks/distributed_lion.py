@@ -16,8 +16,8 @@ table extrapolates the traffic to 1e9 parameters and up to 1024 workers with
 
 Run::
 
-    python benchmarks/distributed_lion.py            # 3 seeds x 300 steps
-    python benchmarks/distributed_lion.py --quick    # 1 seed x 60 steps, < 1 minute
+    python -m benchmarks.distributed_lion            # 3 seeds x 300 steps
+    python -m benchmarks.distributed_lion --quick    # 1 seed x 60 steps, < 1 minute
 
 Writes ``results.json`` and ``distributed_lion.png`` into ``--out``
 (default ``results/distributed/``). Seeds are interleaved across methods;
@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import pathlib
-import sys
 import time
 
 import jax
@@ -48,13 +46,9 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _data  # noqa: E402
-import _models  # noqa: E402
-import _training  # noqa: E402
-
 import lion_optax  # noqa: E402
+
+from .main_job import _data, _models, _training  # noqa: E402
 
 WORKERS = 8
 METHODS = ('adamw', 'lion (global)', 'distributed lion (vote)', 'distributed lion (average)')
@@ -226,7 +220,9 @@ def _plot(runs: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.distributed_lion', description=__doc__.split('\n')[0]
+    )
     parser.add_argument('--quick', action='store_true', help='1 seed x 60 steps (< 1 minute)')
     parser.add_argument('--out', default='results/distributed', help='output folder')
     parser.add_argument('--steps', type=int, default=None)

@@ -14,7 +14,7 @@ really hold on an 8-device CPU mesh.
 
 Usage::
 
-    python benchmarks/memory_at_scale.py [--out DIR]
+    python -m benchmarks.memory_at_scale [--out DIR]
 
 Writes ``memory_at_scale.json`` and ``memory_at_scale.md``.
 """
@@ -22,7 +22,6 @@ Writes ``memory_at_scale.json`` and ``memory_at_scale.md``.
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,9 @@ import optax
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lion_optax
 
-from _model_trees import gpt_tree  # noqa: E402
-
-import lion_optax  # noqa: E402
+from ._model_trees import gpt_tree
 
 # GPT-shaped, about 1.11e9 parameters: width 2048, 20 blocks, the GPT-2 vocabulary
 # padded to a multiple of 256 (50432; unpadded, 256 devices would shard the
@@ -133,7 +129,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.memory_at_scale', description=__doc__.split('\n\n')[0]
+    )
     parser.add_argument('--out', default='results/memory_at_scale/', help='output folder')
     args = parser.parse_args(argv)
     out = Path(args.out)

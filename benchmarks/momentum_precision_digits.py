@@ -1,7 +1,7 @@
 """Does low-precision momentum cost accuracy? fp32 vs bf16 vs int8 momentum on a real task.
 
-The main job's MLP (64-256-256-10, LayerNorm, GELU; ``_models.MLP``) on the main
-job's split of scikit-learn's 8x8 digits (``_data.load_digits_splits``: trained on
+The main job's MLP (64-256-256-10, LayerNorm, GELU; ``main_job._models.MLP``) on the main
+job's split of scikit-learn's 8x8 digits (``main_job._data.load_digits_splits``: trained on
 the 60% train split, reported on the 20% test split; no download), trained with
 ``lion_optax.lion`` for a fixed number of minibatch steps, once per momentum
 storage and seed:
@@ -22,8 +22,8 @@ seed-to-seed spread of fp32 itself.
 
 Usage::
 
-    python benchmarks/momentum_precision_digits.py              # 8 seeds
-    python benchmarks/momentum_precision_digits.py --seeds 3 --steps 600 --out results/momentum_precision/
+    python -m benchmarks.momentum_precision_digits              # 8 seeds
+    python -m benchmarks.momentum_precision_digits --seeds 3 --steps 600 --out results/momentum_precision/
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lion_optax
 
-import _data  # noqa: E402
-import _models  # noqa: E402
-import _training  # noqa: E402
-
-import lion_optax  # noqa: E402
+from .main_job import _data, _models, _training
 
 STORAGES = {
     'fp32': dict(),
@@ -104,7 +99,10 @@ def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) ->
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.momentum_precision_digits',
+        description=__doc__.split('\n\n')[0],
+    )
     parser.add_argument('--seeds', type=int, default=8)
     parser.add_argument('--steps', type=int, default=1500)
     parser.add_argument('--batch', type=int, default=32)

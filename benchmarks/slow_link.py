@@ -43,8 +43,8 @@ this rate, and marked as projected.
 
 Run (as root, or where unprivileged user namespaces are allowed)::
 
-    python benchmarks/slow_link.py             # about 14 minutes on 2 cores
-    python benchmarks/slow_link.py --quick     # 8M only, 1 Gbit/s and free, under 2 minutes
+    python -m benchmarks.slow_link             # about 14 minutes on 2 cores
+    python -m benchmarks.slow_link --quick     # 8M only, 1 Gbit/s and free, under 2 minutes
 
 Writes ``slow_link.json``, ``slow_link.md``, ``slow_link_loss.png`` (loss
 against seconds, one panel per rate) and ``slow_link_step_time.png`` (step
@@ -68,8 +68,9 @@ import sys
 import time
 from typing import Any
 
-HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent
+# The repository root: the processes this module starts (``python -m benchmarks.slow_link
+# --namespace`` and ``--worker``) import it from there.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 ALL_REDUCE_LION = 'lion (all-reduce)'
 VOTE = 'distributed lion (vote)'
@@ -282,10 +283,14 @@ def run(config: Config, raw_path: pathlib.Path, timeout: float = 1800) -> dict[s
     raw_path.unlink(missing_ok=True)
     config_path = raw_path.with_suffix('.config.json')
     config_path.write_text(config.to_json())
-    command = [*(_unshare_command() or []), sys.executable, str(pathlib.Path(__file__).resolve())]
+    command = [*(_unshare_command() or []), *_this_module('--namespace')]
+    # The workers inherit this environment, through the namespace's process.
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
+    env['JAX_PLATFORMS'] = 'cpu'
     # A session of its own, so that a timeout ends the workers too (they share its group).
     namespace = subprocess.Popen(
-        [*command, '--namespace', str(config_path), str(raw_path)], start_new_session=True
+        [*command, str(config_path), str(raw_path)], env=env, start_new_session=True
     )
     try:
         code = namespace.wait(timeout=timeout)
@@ -304,6 +309,11 @@ def run(config: Config, raw_path: pathlib.Path, timeout: float = 1800) -> dict[s
     return json.loads(raw_path.read_text())
 
 
+def _this_module(*args: str) -> list[str]:
+    """The command that runs this module with ``args`` in a new Python process."""
+    return [sys.executable, '-m', __spec__.name, *args]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -316,9 +326,6 @@ def _in_namespace(config_path: str, raw_path: str) -> int:
     subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True)
     subprocess.run(['ip', 'link', 'set', 'lo', 'mtu', str(config.mtu)], check=True)
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
-    env['JAX_PLATFORMS'] = 'cpu'
     logs, procs = [], []
     log_dir = pathlib.Path(raw_path).parent
     try:
@@ -327,9 +334,7 @@ def _in_namespace(config_path: str, raw_path: str) -> int:
             logs.append(log)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, __file__, '--worker', config_path, raw_path, str(pid)]
-                    + [str(port)],
-                    env=env,
+                    _this_module('--worker', config_path, raw_path, str(pid), str(port)),
                     stdout=None if pid == 0 else log,
                     stderr=None if pid == 0 else subprocess.STDOUT,
                 )
@@ -382,8 +387,7 @@ class _Worker:
         import jax
         import numpy as np
 
-        sys.path.insert(0, str(HERE))
-        import _data
+        from .main_job import _data
 
         self.config, self.pid = config, pid
         self.mesh = jax.make_mesh((jax.device_count(),), ('data',))
@@ -417,8 +421,7 @@ class _Worker:
 
         import lion_optax
 
-        sys.path.insert(0, str(HERE))
-        import _models
+        from .main_job import _models
 
         lion_lr, lion_wd = lion_optax.adamw_to_lion(ADAMW_LR, ADAMW_WD, factor=LION_FACTOR)
         shape = lion_optax.warmup_cosine_schedule(1.0, steps)
@@ -444,9 +447,7 @@ class _Worker:
 
         import lion_optax
 
-        sys.path.insert(0, str(HERE))
-        import _models
-        import _training
+        from .main_job import _models, _training
 
         np = self.np
         if method == FLOOR:
@@ -495,9 +496,7 @@ class _Worker:
         import jax
         from jax.sharding import PartitionSpec as P
 
-        sys.path.insert(0, str(HERE))
-        import _models
-        import _training
+        from .main_job import _models, _training
 
         def loss_fn(params, x, y):
             return _training.cross_entropy(_models.apply(graphdef, params, x), y)[0]
@@ -542,8 +541,7 @@ class _Worker:
         """The initial parameters (from the seed), replicated on every device."""
         import jax
 
-        sys.path.insert(0, str(HERE))
-        import _models
+        from .main_job import _models
 
         make = functools.partial(_models.MLP, spec.hidden, 10)
         graphdef = _models.graph_definition(make)
@@ -568,9 +566,7 @@ class _Worker:
     def _evaluator(self, graphdef):
         import jax
 
-        sys.path.insert(0, str(HERE))
-        import _models
-        import _training
+        from .main_job import _models, _training
 
         @jax.jit
         def evaluate(params, x, y):
@@ -608,8 +604,7 @@ class _Worker:
     def run(self) -> dict[str, Any]:
         import jax
 
-        sys.path.insert(0, str(HERE))
-        import _machine
+        from . import _machine
 
         config = self.config
         raw: dict[str, Any] = {
@@ -942,8 +937,7 @@ def _speed(row: dict[str, Any]) -> str:
 
 def markdown(raw: dict[str, Any], summary: dict[str, Any], command: str) -> str:
     """The report as markdown: the machine, the command, one table per model, the goals."""
-    sys.path.insert(0, str(HERE))
-    import _machine
+    from . import _machine
 
     config = raw['config']
     lines = [
@@ -1130,7 +1124,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if argv[:1] == ['--worker']:
         _worker(argv[1], argv[2], int(argv[3]), int(argv[4]))
         return {}
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.slow_link', description=__doc__.split('\n\n')[0]
+    )
     parser.add_argument('--quick', action='store_true', help='8M only, 1 Gbit/s and free (< 3 min)')
     parser.add_argument('--processes', type=int, default=2, help='2, or 4 where the machine allows')
     parser.add_argument('--out', default='results/slow_link', help='output folder')
@@ -1147,8 +1143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(args.out)
     raw = run(config, out / 'slow_link_raw.json')
     summary = summarize(raw)
-    command = 'python benchmarks/slow_link.py ' + ' '.join(argv)
-    text = markdown(raw, summary, command.strip())
+    command = ' '.join(['python', '-m', __spec__.name, *argv])
+    text = markdown(raw, summary, command)
     (out / 'slow_link.json').write_text(json.dumps({'summary': summary, 'raw': raw}, indent=1))
     (out / 'slow_link.md').write_text(text)
     plot_loss(raw, summary, out / 'slow_link_loss.png')

@@ -21,9 +21,9 @@ bytes). The compiled HLO is inspected too: loop fusions and copies per step.
 
 Usage::
 
-    python benchmarks/step_speed.py            # full: 1M, 8M, 64M params, GPT-shaped tree
-    python benchmarks/step_speed.py --quick    # < 3 minutes on 2 CPU cores
-    python benchmarks/step_speed.py --out results/step_speed/ --rounds 30
+    python -m benchmarks.step_speed            # full: 1M, 8M, 64M params, GPT-shaped tree
+    python -m benchmarks.step_speed --quick    # < 3 minutes on 2 CPU cores
+    python -m benchmarks.step_speed --out results/step_speed/ --rounds 30
 
 Writes ``step_speed.json``, ``step_speed.md`` and ``step_speed.png`` to ``--out``.
 """
@@ -31,7 +31,6 @@ Writes ``step_speed.json``, ``step_speed.md`` and ``step_speed.png`` to ``--out`
 import argparse
 import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,13 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lion_optax
 
-from _machine import machine, machine_line  # noqa: E402
-from _model_trees import gpt_tree  # noqa: E402
-
-import lion_optax  # noqa: E402
+from ._machine import machine, machine_line
+from ._model_trees import gpt_tree
 
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-3
@@ -304,7 +300,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.step_speed', description=__doc__.split('\n\n')[0]
+    )
     parser.add_argument('--quick', action='store_true', help='small sizes, few rounds (< 2 min)')
     parser.add_argument('--out', default='results/step_speed/', help='output folder')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds per size')

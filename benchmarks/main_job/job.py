@@ -1,9 +1,9 @@
 """The main job: Lion against AdamW on real tasks, every optimizer tuned by the same protocol.
 
-Run it with::
+Run it from the repository root with::
 
-    python benchmarks/main_job.py            # full run (< 30 min on 2 CPU cores)
-    python benchmarks/main_job.py --quick    # the same protocol, smaller (< 3 min)
+    python -m benchmarks.main_job            # full run (< 30 min on 2 CPU cores)
+    python -m benchmarks.main_job --quick    # the same protocol, smaller (< 3 min)
 
 Tasks (all data ships with Python or scikit-learn; nothing is downloaded): an MLP and
 a small CNN on scikit-learn's handwritten digits, and a character-level Transformer
@@ -36,15 +36,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import optax
 
-import _optimizers  # noqa: E402
-import _plots  # noqa: E402
-import _protocol  # noqa: E402
-import _report  # noqa: E402
-import jax  # noqa: E402
-import optax  # noqa: E402
-from _protocol import Budget, Plan, Sweep, log_grid  # noqa: E402
+from . import _optimizers, _plots, _protocol, _report
+from ._protocol import Budget, Plan, Sweep, log_grid
 
 HALF_DECADE = _protocol.LEARNING_RATE_STEP
 WEIGHT_DECAYS = (0.01, 0.1, 1.0)
@@ -124,7 +120,9 @@ def load_average() -> list[float] | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks.main_job', description=__doc__.split('\n')[0]
+    )
     parser.add_argument(
         '--quick',
         action='store_const',
@@ -186,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
         machine=machine_description(),
         size=args.size,
         command=' '.join(
-            ['python', 'benchmarks/main_job.py', *(argv if argv is not None else sys.argv[1:])]
+            ['python', '-m', 'benchmarks.main_job', *(argv if argv is not None else sys.argv[1:])]
         ),
         versions=(
             f'python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}'

@@ -16,15 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import _models
-import _optimizers
-import _tasks
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import lion_optax
+
+from . import _models, _optimizers, _tasks
 
 
 @dataclasses.dataclass

@@ -11,10 +11,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import _optimizers
-import _protocol
-import _training
 import numpy as np
+
+from . import _optimizers, _protocol, _training
 
 ADAMW = _optimizers.ADAMW.label
 RULE = (3.0, 10.0)  # adamw_to_lion's factor range, from the paper

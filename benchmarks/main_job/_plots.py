@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import _optimizers
 import numpy as np
+
+from . import _optimizers
 
 STYLES = {
     _optimizers.ADAMW.label: dict(color='black', linestyle='-', marker='s'),
