@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import lion_optax  # noqa: E402
 
-from .main_job import _data, _models, _training  # noqa: E402
+from .main_job import _data, _models  # noqa: E402
 
 WORKERS = 8
 METHODS = ('adamw', 'lion (global)', 'distributed lion (vote)', 'distributed lion (average)')
@@ -56,14 +56,6 @@ METHODS = ('adamw', 'lion (global)', 'distributed lion (vote)', 'distributed lio
 
 MODEL = functools.partial(_models.MLP, 128, 10)  # 64-128-128-10, LayerNorm, GELU
 GRAPHDEF = _models.graph_definition(MODEL)
-
-
-def _loss_and_accuracy(params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _training.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
-
-
-def _loss(params, x: jax.Array, y: jax.Array) -> jax.Array:
-    return _loss_and_accuracy(params, x, y)[0]
 
 
 ADAMW_LR, ADAMW_WD = 3e-3, 1e-2
@@ -98,7 +90,7 @@ def _train_step(method: str, tx, mesh, state_specs):
     )
     def step(params, state, x, y):
         local = jax.lax.pcast(params, 'data', to='varying')
-        loss, grads = jax.value_and_grad(_loss)(local, x, y)
+        loss, grads = jax.value_and_grad(functools.partial(_models.loss, GRAPHDEF))(local, x, y)
         if not distributed:
             grads = jax.lax.pmean(grads, 'data')  # the float32 all-reduce
         updates, state = tx.update(grads, state, params)
@@ -139,7 +131,7 @@ def run(
 
     compiled = step.lower(params, state, *batch_at(0)).compile()
     bytes_per_step = lion_optax.hlo.bytes_sent_per_device(compiled)
-    evaluate = jax.jit(_loss_and_accuracy)
+    evaluate = jax.jit(functools.partial(_models.loss_and_accuracy, GRAPHDEF))
     test_steps, test_loss, train_loss = [], [], []
     start = time.perf_counter()
     for t in range(steps):

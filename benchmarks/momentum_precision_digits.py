@@ -42,7 +42,7 @@ import optax
 
 import lion_optax
 
-from .main_job import _data, _models, _training
+from .main_job import _data, _models
 
 STORAGES = {
     'fp32': dict(),
@@ -54,14 +54,6 @@ STORAGES = {
 
 MODEL = functools.partial(_models.MLP, 256, 10)
 GRAPHDEF = _models.graph_definition(MODEL)
-
-
-def loss_and_accuracy(params, x, y):
-    return _training.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
-
-
-def loss_fn(params, x, y):
-    return loss_and_accuracy(params, x, y)[0]
 
 
 def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) -> dict[str, float]:
@@ -82,7 +74,9 @@ def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) ->
     def run(params, state, batches):
         def body(carry, index):
             params, state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, x_train[index], y_train[index])
+            loss, grads = jax.value_and_grad(functools.partial(_models.loss, GRAPHDEF))(
+                params, x_train[index], y_train[index]
+            )
             updates, state = tx.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), loss
 
@@ -90,7 +84,7 @@ def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) ->
         return params, losses
 
     params, losses = run(params, state, jnp.asarray(batches))
-    test_loss, accuracy = loss_and_accuracy(params, x_test, y_test)
+    test_loss, accuracy = _models.loss_and_accuracy(GRAPHDEF, params, x_test, y_test)
     return {
         'test_accuracy': float(accuracy),
         'test_loss': float(test_loss),

@@ -447,15 +447,13 @@ class _Worker:
 
         import lion_optax
 
-        from .main_job import _models, _training
+        from .main_job import _models
 
         np = self.np
         if method == FLOOR:
             return self._build_floor(graphdef, params0)
 
-        def loss_fn(params, x, y):
-            return _training.cross_entropy(_models.apply(graphdef, params, x), y)[0]
-
+        loss_fn = functools.partial(_models.loss, graphdef)
         tx = self._optimizer(method, spec.steps)
         if method in (VOTE, AVERAGE):
 
@@ -496,11 +494,9 @@ class _Worker:
         import jax
         from jax.sharding import PartitionSpec as P
 
-        from .main_job import _models, _training
+        from .main_job import _models
 
-        def loss_fn(params, x, y):
-            return _training.cross_entropy(_models.apply(graphdef, params, x), y)[0]
-
+        loss_fn = functools.partial(_models.loss, graphdef)
         specs = jax.tree.map(lambda _: P('data'), params0)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
@@ -566,13 +562,9 @@ class _Worker:
     def _evaluator(self, graphdef):
         import jax
 
-        from .main_job import _models, _training
+        from .main_job import _models
 
-        @jax.jit
-        def evaluate(params, x, y):
-            return _training.cross_entropy(_models.apply(graphdef, params, x), y)
-
-        return evaluate
+        return jax.jit(functools.partial(_models.loss_and_accuracy, graphdef))
 
     def _fresh(self, host_params, fresh_state):
         """Fresh replicated parameters and initial state (every step donates them)."""
