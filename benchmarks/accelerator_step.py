@@ -47,6 +47,7 @@ import lion_optax  # noqa: E402
 from lion_optax import hlo  # noqa: E402
 
 from ._machine import machine, machine_line  # noqa: E402
+from ._model_trees import abstract_gpt  # noqa: E402
 
 LR, WD = 1e-4, 0.1
 PER_DEVICE = (4096, 4096)
@@ -92,24 +93,7 @@ COMPILE_CONFIGURATIONS = [
 
 def gpt_tree(layers: int = 12, width: int = 768, vocab: int = 50304) -> Any:
     """GPT-2's parameter shapes (12 layers: 124M parameters, 148 leaves), abstract."""
-
-    def linear(i: int, o: int) -> dict:
-        return {'kernel': jnp.zeros((i, o)), 'bias': jnp.zeros(o)}
-
-    def norm() -> dict:
-        return {'scale': jnp.ones(width), 'bias': jnp.zeros(width)}
-
-    def build() -> dict:
-        tree = {'wte': jnp.zeros((vocab, width)), 'wpe': jnp.zeros((1024, width)), 'ln_f': norm()}
-        for i in range(layers):
-            tree[f'h{i}'] = {
-                'ln1': norm(), 'ln2': norm(),
-                'attn': {'qkv': linear(width, 3 * width), 'proj': linear(width, width)},
-                'mlp': {'fc': linear(width, 4 * width), 'proj': linear(4 * width, width)},
-            }
-        return tree
-
-    return jax.eval_shape(build)
+    return abstract_gpt(blocks=layers, width=width, vocab=vocab, context=1024)
 
 
 def large_leaf(target: str, dtype: Any, per_device: bool = True) -> tuple[Any, int]:

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 import lion_optax
 
-from ._model_trees import gpt_tree
+from ._model_trees import abstract_gpt
 
 # GPT-shaped, about 1.11e9 parameters: width 2048, 20 blocks, the GPT-2 vocabulary
 # padded to a multiple of 256 (50432; unpadded, 256 devices would shard the
@@ -49,11 +49,6 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
         'lion, bfloat16 momentum': lion_optax.lion(1e-4, weight_decay=0.1, mu_dtype=jnp.bfloat16),
         'lion, int8 momentum': lion_optax.lion(1e-4, weight_decay=0.1, mu_dtype='int8'),
     }
-
-
-def abstract_gpt(**sizes: int) -> Any:
-    """The GPT tree's shapes (float32), without allocating it."""
-    return jax.eval_shape(lambda: gpt_tree(**sizes))
 
 
 def fsdp_spec(shape: tuple[int, ...], devices: int, axis: str = 'data') -> P:
