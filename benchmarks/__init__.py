@@ -1,7 +1,7 @@
 """lion_optax's benchmarks, run from the repository root as ``python -m benchmarks.NAME``.
 
-Each writes its report (JSON, markdown and a PNG) into the folder ``--out`` names;
-``--quick`` is a short run where a script has one.
+Each writes its report (a machine line, markdown tables, JSON and a PNG, by ``_output``)
+into the folder ``--out`` names; ``--quick`` is a short run where a script has one.
 
 * ``main_job`` (a subpackage): Lion against AdamW on real tasks, every optimizer tuned
   by the same protocol;

@@ -29,11 +29,9 @@ of those with ``--lion-factor`` (3 for 300 steps, 1 for the 60 steps of
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import pathlib
 import time
+from typing import Any
 
 import jax
 
@@ -48,6 +46,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import lion_optax  # noqa: E402
 
+from . import _output  # noqa: E402
 from .main_job import _data, _models  # noqa: E402
 
 WORKERS = 8
@@ -179,13 +178,11 @@ def _spread(values) -> str:
     return f'{np.median(values):.4g} [{values.min():.4g}, {values.max():.4g}]'
 
 
-def _plot(runs: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
+def _plot(runs: list[dict]) -> Any:
+    from matplotlib.figure import Figure
 
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    fig, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), dpi=120, layout='tight')
+    by_step, by_bytes = fig.subplots(1, 2)
     colors = dict(zip(METHODS, ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green')))
     for method in METHODS:
         mine = [r for r in runs if r['method'] == method]
@@ -206,17 +203,12 @@ def _plot(runs: list[dict], path: pathlib.Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.suptitle(f'MLP on digits, data parallel over {WORKERS} simulated devices')
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.distributed_lion', description=__doc__.split('\n')[0]
-    )
+    parser = _output.parser('distributed_lion', __doc__, out='results/distributed')
     parser.add_argument('--quick', action='store_true', help='1 seed x 60 steps (< 1 minute)')
-    parser.add_argument('--out', default='results/distributed', help='output folder')
     parser.add_argument('--steps', type=int, default=None)
     parser.add_argument('--seeds', type=int, default=None)
     parser.add_argument(
@@ -277,8 +269,6 @@ def main(argv=None) -> dict:
             f'{row["vote_gb"]:8.3f} {row["average_gb"]:8.3f}'
         )
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = {
         'workers': WORKERS,
         'steps': steps,
@@ -291,9 +281,8 @@ def main(argv=None) -> dict:
         'runs': runs,
         'jax_version': jax.__version__,
     }
-    (out / 'results.json').write_text(json.dumps(result, indent=1))
-    _plot(runs, out / 'distributed_lion.png')
-    print(f'\nwrote {out / "results.json"} and {out / "distributed_lion.png"}')
+    files = {'results.json': result, 'distributed_lion.png': lambda: _plot(runs)}
+    _output.write(args.out, files, indent=1)
     return result
 
 

@@ -19,8 +19,6 @@ Usage::
 Writes ``memory_at_scale.json`` and ``memory_at_scale.md``.
 """
 
-import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import lion_optax
 
+from . import _output
 from ._model_trees import abstract_gpt
 
 # GPT-shaped, about 1.11e9 parameters: width 2048, 20 blocks, the GPT-2 vocabulary
@@ -108,36 +107,28 @@ def table(sizes: dict[str, int], device_counts=DEVICE_COUNTS) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     counts = [c for c in result['bytes_per_device']['optax.adamw'] if c != 'total']
-    lines = [
+    header = ['optimizer', 'state, total', *(f'per device, {c} devices' for c in counts), 'B/param']
+    rows = [
+        [
+            name,
+            f'{row["total"] / 2**30:.2f} GiB',
+            *(f'{row[c] / 2**20:,.0f} MiB' for c in counts),
+            f'{row["total"] / result["num_params"]:.3f}',
+        ]
+        for name, row in result['bytes_per_device'].items()
+    ]
+    return _output.document(
         f'Optimizer state of a GPT-shaped model, {result["num_params"] / 1e9:.2f}B parameters '
         f'({result["leaves"]} leaves), FSDP (each array sharded along its first divisible axis):',
-        '',
-        '| optimizer | state, total | ' + ' | '.join(f'per device, {c} devices' for c in counts)
-        + ' | B/param |',
-        '|---|---|' + '---|' * len(counts) + '---|',
-    ]
-    for name, row in result['bytes_per_device'].items():
-        cells = ' | '.join(f'{row[c] / 2**20:,.0f} MiB' for c in counts)
-        lines.append(f'| {name} | {row["total"] / 2**30:.2f} GiB | {cells} | '
-                     f'{row["total"] / result["num_params"]:.3f} |')
-    return '\n'.join(lines) + '\n'
+        _output.markdown_table(header, rows),
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.memory_at_scale', description=__doc__.split('\n\n')[0]
-    )
-    parser.add_argument('--out', default='results/memory_at_scale/', help='output folder')
+    parser = _output.parser('memory_at_scale', __doc__, out='results/memory_at_scale/')
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = table(GPT_1B)
-    (out / 'memory_at_scale.json').write_text(json.dumps(result, indent=2))
-    text = markdown(result)
-    (out / 'memory_at_scale.md').write_text(text)
-    print(text)
-    print(f'Wrote {out.resolve()} (memory_at_scale.json, memory_at_scale.md)')
-    return out
+    _output.write_report(args.out, 'memory_at_scale', table(GPT_1B), markdown)
+    return args.out
 
 
 if __name__ == '__main__':

@@ -28,10 +28,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ import optax
 
 import lion_optax
 
+from . import _output
 from .main_job import _data, _models
 
 STORAGES = {
@@ -92,22 +90,8 @@ def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) ->
     }
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.momentum_precision_digits',
-        description=__doc__.split('\n\n')[0],
-    )
-    parser.add_argument('--seeds', type=int, default=8)
-    parser.add_argument('--steps', type=int, default=1500)
-    parser.add_argument('--batch', type=int, default=32)
-    parser.add_argument('--out', default='results/momentum_precision/')
-    args = parser.parse_args(argv)
-    splits = _data.load_digits_splits()
-    start = time.perf_counter()
-    runs = {
-        name: [train(kw, seed, args.steps, args.batch, splits) for seed in range(args.seeds)]
-        for name, kw in STORAGES.items()
-    }
+def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per storage: seed statistics and the paired differences to fp32 (see the docstring)."""
     summary = {}
     base = np.array([r['test_accuracy'] for r in runs['fp32']])
     base_loss = np.array([r['test_loss'] for r in runs['fp32']])
@@ -133,38 +117,55 @@ def main(argv: list[str] | None = None) -> Path:
                 or abs(diff.mean()) <= max(2 * se, base.std(ddof=1) if len(base) > 1 else 0.0)
             ),
         }
+    return summary
+
+
+def markdown(report: dict[str, Any]) -> str:
+    header = ['momentum', 'test acc. mean +- std', 'paired diff vs fp32 (+- se)']
+    header += ['test loss mean +- std', 'paired loss diff (+- se)', 'within noise']
+    rows = [
+        [
+            name,
+            f'{s["test_accuracy_mean"]:.4f} +- {s["test_accuracy_std"]:.4f}',
+            f'{s["paired_accuracy_diff_vs_fp32"]:+.4f} +- {s["paired_accuracy_diff_se"]:.4f}',
+            f'{s["test_loss_mean"]:.4f} +- {s["test_loss_std"]:.4f}',
+            f'{s["paired_test_loss_diff_vs_fp32"]:+.4f} +- {s["paired_test_loss_diff_se"]:.4f}',
+            'yes' if s['within_noise'] else 'NO',
+        ]
+        for name, s in report['summary'].items()
+    ]
+    return _output.document(
+        f'# Momentum storage on digits (MLP, {report["seeds"]} seeds, {report["steps"]} steps, '
+        f'batch {report["batch"]})',
+        _output.markdown_table(header, rows),
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = _output.parser(
+        'momentum_precision_digits', __doc__, out='results/momentum_precision/'
+    )
+    parser.add_argument('--seeds', type=int, default=8)
+    parser.add_argument('--steps', type=int, default=1500)
+    parser.add_argument('--batch', type=int, default=32)
+    args = parser.parse_args(argv)
+    splits = _data.load_digits_splits()
+    clock = _output.Clock()
+    runs = {
+        name: [train(kw, seed, args.steps, args.batch, splits) for seed in range(args.seeds)]
+        for name, kw in STORAGES.items()
+    }
     report = {
         'seeds': args.seeds,
         'steps': args.steps,
         'batch': args.batch,
         'device': str(jax.devices()[0].device_kind),
-        'summary': summary,
+        'summary': summarize(runs),
         'runs': runs,
-        'wall_seconds': time.perf_counter() - start,
+        'wall_seconds': clock.seconds,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'momentum_precision.json').write_text(json.dumps(report, indent=2))
-    lines = [
-        f'# Momentum storage on digits (MLP, {args.seeds} seeds, {args.steps} steps, batch {args.batch})',
-        '',
-        '| momentum | test acc. mean +- std | paired diff vs fp32 (+- se) | test loss mean +- std | '
-        'paired loss diff (+- se) | within noise |',
-        '|---|---|---|---|---|---|',
-    ]
-    for name, s in summary.items():
-        lines.append(
-            f'| {name} | {s["test_accuracy_mean"]:.4f} +- {s["test_accuracy_std"]:.4f} | '
-            f'{s["paired_accuracy_diff_vs_fp32"]:+.4f} +- {s["paired_accuracy_diff_se"]:.4f} | '
-            f'{s["test_loss_mean"]:.4f} +- {s["test_loss_std"]:.4f} | '
-            f'{s["paired_test_loss_diff_vs_fp32"]:+.4f} +- {s["paired_test_loss_diff_se"]:.4f} | '
-            f'{"yes" if s["within_noise"] else "NO"} |'
-        )
-    text = '\n'.join(lines)
-    (out / 'momentum_precision.md').write_text(text + '\n')
-    print(text)
-    print(f'Wrote {out.resolve()} in {report["wall_seconds"]:.0f} s')
-    return out
+    _output.write_report(args.out, 'momentum_precision', report, markdown)
+    return args.out
 
 
 if __name__ == '__main__':

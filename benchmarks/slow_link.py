@@ -53,7 +53,6 @@ time against rate) into ``--out`` (default ``results/slow_link/``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -67,6 +66,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+from . import _output
 
 # The repository root: the processes this module starts (``python -m benchmarks.slow_link
 # --namespace`` and ``--worker``) import it from there.
@@ -596,12 +597,10 @@ class _Worker:
     def run(self) -> dict[str, Any]:
         import jax
 
-        from . import _machine
-
         config = self.config
         raw: dict[str, Any] = {
             'config': dataclasses.asdict(config),
-            'machine': _machine.machine(),
+            'machine': _output.machine(),
             'processes': jax.process_count(),
             'devices': jax.device_count(),
             'date': time.strftime('%Y-%m-%d %H:%M %Z'),
@@ -621,7 +620,7 @@ class _Worker:
         for spec in config.models:
             raw['models'].append(self._model(spec))
         raw['wall_seconds'] = time.perf_counter() - start
-        raw['load_average_at_end'] = os.getloadavg()
+        raw['load_average_at_end'] = _output.load_average()
         if self.bar is not None:
             self.bar.close()
         return raw
@@ -742,13 +741,6 @@ class _Worker:
 # The report: summary, table, plots.
 
 
-def _quartiles(values) -> tuple[float, float, float]:
-    import numpy as np
-
-    q1, median, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
-    return float(median), float(q1), float(q3)
-
-
 def _first_reached(cell: dict[str, Any], target: float) -> int | None:
     """The first evaluated step at which the validation loss is at most ``target``."""
     for step, loss in zip(cell['eval_steps'], cell['val_loss']):
@@ -790,7 +782,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             identical[method] = len(digests) <= 1 and same_prefix
         rows = []
         for cell in cells:
-            median, q1, q3 = _quartiles(cell['seconds'])
+            median, q1, q3 = _output.quartiles(cell['seconds'])
             seconds = float(np.sum(cell['seconds']))
             link = float(np.sum(cell['link_bytes']))
             row = {
@@ -829,7 +821,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 # median: robust to the machine's load changing during the run.
                 rounds = min(len(base['seconds']), len(mine['seconds']))
                 ratios = np.asarray(base['seconds'][:rounds]) / np.asarray(mine['seconds'][:rounds])
-                median, q1, q3 = _quartiles(ratios)
+                median, q1, q3 = _output.quartiles(ratios)
                 row['speedup_vs_all_reduce_lion'] = median
                 row['speedup_q1'], row['speedup_q3'] = q1, q3
         summary['models'].append(
@@ -929,15 +921,11 @@ def _speed(row: dict[str, Any]) -> str:
 
 def markdown(raw: dict[str, Any], summary: dict[str, Any], command: str) -> str:
     """The report as markdown: the machine, the command, one table per model, the goals."""
-    from . import _machine
-
     config = raw['config']
-    lines = [
+    blocks = [
         '# Distributed Lion on a slow link',
-        '',
-        f'{_machine.machine_line(raw["machine"])} Load average at the end: '
+        f'{_output.machine_line(raw["machine"])} Load average at the end: '
         f'{tuple(round(x, 2) for x in raw["load_average_at_end"])}. Date: {raw["date"]}.',
-        '',
         f'Command: `{command}` ({raw["wall_seconds"] / 60:.1f} minutes). '
         f'{raw["processes"]} processes, one CPU device each, `jax.distributed` over the '
         f'loopback of a private network namespace (gloo collectives), `mtu {config["mtu"]}`, '
@@ -949,34 +937,27 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any], command: str) -> str:
         'after a time cap (below, per model) once it has run a minimum of steps; '
         '"projected" seconds to the target are its steps to the target (the same at every '
         'rate: the runs are bit for bit identical) times its mean step time at that rate.',
-        '',
     ]
     for model in summary['models']:
         e2e = model['end_to_end']
-        lines += [
-            f'## {model["name"]} ({model["num_params"]:,} parameters, '
-            f'{model["steps"]} steps{"" if e2e else ", step time only"})',
-            '',
-            f'Cap: {model["cap_seconds"]:g} s of steps per method and rate, at least '
-            f'{model["min_steps"]} steps.',
-            '',
-        ]
-        header = '| rate | method | steps | ms/step [quartiles] | speed-up vs all-reduce Lion, per round [quartiles] | link MB/step | link Mbit/s | HLO MB/device |'
-        align = '|---|---|---|---|---|---|---|---|'
+        header = ['rate', 'method', 'steps', 'ms/step [quartiles]']
+        header += ['speed-up vs all-reduce Lion, per round [quartiles]', 'link MB/step']
+        header += ['link Mbit/s', 'HLO MB/device']
         if e2e:
-            header += f' s to val loss {summary["target_loss"]:g} | final val loss |'
-            align += '---|---|'
-        lines += [header, align]
+            header += [f's to val loss {summary["target_loss"]:g}', 'final val loss']
+        rows = []
         for r in model['rows']:
             speed = r.get('speedup_vs_all_reduce_lion')
-            line = (
-                f'| {_rate_label(r["rate"])} | {r["method"]} | {r["steps"]}'
-                f'{" (cut)" if r["cut"] else ""} | {r["step_ms"]:.0f} '
-                f'[{r["step_ms_q1"]:.0f}, {r["step_ms_q3"]:.0f}] | '
-                f'{"" if speed is None or r["method"] == FLOOR else _speed(r)} | '
-                f'{r["link_bytes_per_step"] / 1e6:.2f} | {r["link_megabits_per_second"]:.0f} | '
-                f'{r["hlo_bytes_per_device"] / 1e6:.2f} |'
-            )
+            row = [
+                _rate_label(r['rate']),
+                r['method'],
+                f'{r["steps"]}{" (cut)" if r["cut"] else ""}',
+                f'{r["step_ms"]:.0f} [{r["step_ms_q1"]:.0f}, {r["step_ms_q3"]:.0f}]',
+                '' if speed is None or r['method'] == FLOOR else _speed(r),
+                f'{r["link_bytes_per_step"] / 1e6:.2f}',
+                f'{r["link_megabits_per_second"]:.0f}',
+                f'{r["hlo_bytes_per_device"] / 1e6:.2f}',
+            ]
             if e2e:
                 if 'seconds_to_target' in r:
                     seconds = f'{r["seconds_to_target"]:.1f} ({r["steps_to_target"]} steps'
@@ -984,19 +965,25 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any], command: str) -> str:
                 else:
                     seconds = '' if r['method'] == FLOOR else 'not reached'
                 final = r.get('final_val_loss')
-                line += f' {seconds} | {"" if final is None else f"{final:.3f}"} |'
-            lines.append(line)
+                row += [seconds, '' if final is None else f'{final:.3f}']
+            rows.append(row)
         same = all(model['identical_across_rates'].values())
-        lines += [
-            '',
+        blocks += [
+            f'## {model["name"]} ({model["num_params"]:,} parameters, '
+            f'{model["steps"]} steps{"" if e2e else ", step time only"})',
+            f'Cap: {model["cap_seconds"]:g} s of steps per method and rate, at least '
+            f'{model["min_steps"]} steps.',
+            _output.markdown_table(header, rows),
             f'Identical numbers at every rate (final parameters and loss curves): {same}.',
-            '',
         ]
-    lines += ['## Goals (issue 19)', '', '| model | goal | measured | holds |', '|---|---|---|---|']
-    for g in summary['goals']:
-        lines.append(f'| {g["model"]} | {g["goal"]} | {g["value"]} | {"yes" if g["holds"] else "no"} |')
-    lines.append('')
-    return '\n'.join(lines)
+    goals = [
+        [g['model'], g['goal'], g['value'], 'yes' if g['holds'] else 'no'] for g in summary['goals']
+    ]
+    blocks += [
+        '## Goals (issue 19)',
+        _output.markdown_table(['model', 'goal', 'measured', 'holds'], goals),
+    ]
+    return _output.document(*blocks)
 
 
 STYLES = {
@@ -1008,18 +995,21 @@ STYLES = {
 }
 
 
-def plot_loss(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) -> None:
-    """Validation loss against training seconds, one panel per rate (end-to-end model)."""
+def plot_loss(raw: dict[str, Any], summary: dict[str, Any]) -> Any:
+    """Validation loss against training seconds, one panel per rate (end-to-end model).
+
+    None when no model ran end to end.
+    """
     import numpy as np
     from matplotlib import ticker
     from matplotlib.figure import Figure
 
     models = [(m, s) for m, s in zip(raw['models'], summary['models']) if s['end_to_end']]
     if not models:
-        return
+        return None
     model, info = models[0]
     rates = raw['config']['rates']
-    fig = Figure(figsize=(4.2 * len(rates), 4), layout='constrained')
+    fig = Figure(figsize=(4.2 * len(rates), 4), dpi=110, layout='constrained')
     axes = fig.subplots(1, len(rates), squeeze=False, sharey=True)[0]
     full = {
         c['method']: c for c in model['cells'] if not c['cut'] and c['method'] != FLOOR
@@ -1056,16 +1046,16 @@ def plot_loss(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) 
         '(dotted: projected from the same run at another rate; red: target)',
         fontsize=10,
     )
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_step_time(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) -> None:
+def plot_step_time(raw: dict[str, Any], summary: dict[str, Any]) -> Any:
     """Median step time (quartile bars) against the link rate, one panel per model."""
     from matplotlib import ticker
     from matplotlib.figure import Figure
 
     rates = raw['config']['rates']
-    fig = Figure(figsize=(5.5 * len(summary['models']), 4.2), layout='constrained')
+    fig = Figure(figsize=(5.5 * len(summary['models']), 4.2), dpi=110, layout='constrained')
     axes = fig.subplots(1, len(summary['models']), squeeze=False)[0]
     for ax, model in zip(axes, summary['models']):
         for method in (*METHODS, FLOOR):
@@ -1084,7 +1074,7 @@ def plot_step_time(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.P
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f'{raw["processes"]} processes, step time against link rate', fontsize=10)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -1116,12 +1106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if argv[:1] == ['--worker']:
         _worker(argv[1], argv[2], int(argv[3]), int(argv[4]))
         return {}
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.slow_link', description=__doc__.split('\n\n')[0]
-    )
+    parser = _output.parser('slow_link', __doc__, out='results/slow_link')
     parser.add_argument('--quick', action='store_true', help='8M only, 1 Gbit/s and free (< 3 min)')
     parser.add_argument('--processes', type=int, default=2, help='2, or 4 where the machine allows')
-    parser.add_argument('--out', default='results/slow_link', help='output folder')
     parser.add_argument('--rates', default=None, help='comma-separated tc rates and/or "free"')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
@@ -1132,17 +1119,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rate in changes['rates']:
             rate_bits_per_second(rate)
     config = dataclasses.replace(config, **changes)
-    out = pathlib.Path(args.out)
-    raw = run(config, out / 'slow_link_raw.json')
+    raw = run(config, args.out / 'slow_link_raw.json')
     summary = summarize(raw)
     command = ' '.join(['python', '-m', __spec__.name, *argv])
-    text = markdown(raw, summary, command)
-    (out / 'slow_link.json').write_text(json.dumps({'summary': summary, 'raw': raw}, indent=1))
-    (out / 'slow_link.md').write_text(text)
-    plot_loss(raw, summary, out / 'slow_link_loss.png')
-    plot_step_time(raw, summary, out / 'slow_link_step_time.png')
     print_table(summary)
-    print(f'\nwrote {out}/slow_link.json, slow_link.md, slow_link_loss.png, slow_link_step_time.png')
+    files = {
+        'slow_link.json': {'summary': summary, 'raw': raw},
+        'slow_link.md': lambda: markdown(raw, summary, command),
+        'slow_link_loss.png': lambda: plot_loss(raw, summary),
+        'slow_link_step_time.png': lambda: plot_step_time(raw, summary),
+    }
+    _output.write(args.out, files, indent=1, echo=False)
     return summary
 
 

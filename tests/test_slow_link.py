@@ -98,8 +98,8 @@ def test_the_report_has_every_cell_and_a_markdown_table(slow_link_run, tmp_path)
     assert '| 4mbit | distributed lion (vote) |' in text
     assert '| unthrottled | distributed lion (vote) |' in text
     assert 'free link: the vote step no slower' in text  # the goals table
-    slow_link.plot_step_time(raw, summary, tmp_path / 'steps.png')
-    slow_link.plot_loss(raw, summary, tmp_path / 'loss.png')
+    slow_link.plot_step_time(raw, summary).savefig(tmp_path / 'steps.png')
+    slow_link.plot_loss(raw, summary).savefig(tmp_path / 'loss.png')
     assert os.path.getsize(tmp_path / 'steps.png') > 1000
     assert os.path.getsize(tmp_path / 'loss.png') > 1000
 

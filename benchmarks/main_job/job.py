@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -39,6 +38,7 @@ from collections.abc import Sequence
 import jax
 import optax
 
+from .. import _output
 from . import _optimizers, _plots, _protocol, _report
 from ._protocol import Budget, Plan, Sweep, log_grid
 
@@ -114,14 +114,9 @@ def machine_description() -> str:
     )
 
 
-def load_average() -> list[float] | None:
-    """The machine's 1, 5 and 15 minute load averages (timings mean more on a quiet one)."""
-    return list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.main_job', description=__doc__.split('\n')[0]
+    parser = _output.parser(
+        'main_job', __doc__, out=None, out_help='results/main_job-<size>-<time>'
     )
     parser.add_argument(
         '--quick',
@@ -134,12 +129,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         '--size', choices=sorted(SIZES), help="run size (default: full; 'tiny' is a smoke test)"
     )
     parser.set_defaults(size='full')
-    parser.add_argument(
-        '--out',
-        type=pathlib.Path,
-        default=None,
-        help='output folder (default: results/main_job-<size>-<time>)',
-    )
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     return parser.parse_args(argv)
 
@@ -157,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     print(f'main job, size {args.size!r}: {total:,} training steps planned', flush=True)
     for phase in _protocol.phases(budget, tasks):
         print(f'  {phase.describe()}', flush=True)
-    load_at_start = load_average()
+    load_at_start = _output.load_average()
 
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -199,15 +188,15 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
         progress_steps=runner.progress_steps,
         part_seconds=seconds,
         wall_seconds=time.perf_counter() - start,
-        load_average=dict(start=load_at_start, end=load_average()),
+        load_average=dict(start=load_at_start, end=_output.load_average()),
     )
-    (out / 'results.json').write_text(json.dumps(result, indent=1, default=float))
-    _plots.plot_curves(result).savefig(out / 'curves.png', dpi=110)
-    _plots.plot_sweep(result).savefig(out / 'batch_sweep.png', dpi=110)
-    text = _report.report_text(result)
-    (out / 'report.md').write_text(text)
-    print(text)
-    print(f'\nWrote report.md, results.json, curves.png and batch_sweep.png to {out}')
+    files = {
+        'results.json': result,
+        'curves.png': lambda: _plots.plot_curves(result),
+        'batch_sweep.png': lambda: _plots.plot_sweep(result),
+        'report.md': lambda: _report.report_text(result),
+    }
+    _output.write(out, files, indent=1)
     return out
 
 
