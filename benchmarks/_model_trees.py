@@ -3,9 +3,13 @@
 ``gpt_tree(blocks)``: GPT-2 layout (per block two LayerNorms, qkv/proj/fc/proj
 kernels and biases; 12 blocks = 148 leaves). ``vit_tree(blocks)``: ViT layout
 (patch embedding, class token, position embedding, per block two LayerNorms,
-qkv/proj/fc1/fc2 kernels and biases, final norm and head).
+qkv/proj/fc1/fc2 kernels and biases, final norm and head). ``abstract_gpt(**sizes)``:
+``gpt_tree``'s shapes and dtypes, nothing allocated (a 1B-parameter tree costs nothing).
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 
@@ -32,6 +36,11 @@ def gpt_tree(blocks: int, width: int = 64, vocab: int = 512, context: int = 128)
     for i in range(blocks):
         params[f'h{i}'] = _transformer_block(width, ('ln1', 'ln2'), ('fc', 'proj'))
     return params
+
+
+def abstract_gpt(**sizes: int) -> dict:
+    """``gpt_tree(**sizes)`` as ``jax.ShapeDtypeStruct`` leaves (float32), without allocating it."""
+    return jax.eval_shape(functools.partial(gpt_tree, **sizes))
 
 
 def vit_tree(blocks: int, width: int = 64, patch: int = 16, channels: int = 3,

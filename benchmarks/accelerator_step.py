@@ -19,8 +19,8 @@ These are compiler figures, not timings.
 
 Usage::
 
-    python benchmarks/accelerator_step.py            # full (about 10-15 min on 2 cores)
-    python benchmarks/accelerator_step.py --quick    # the large leaf, GPT-2 on H100 (< 3 min)
+    python -m benchmarks.accelerator_step            # full (about 10-15 min on 2 cores)
+    python -m benchmarks.accelerator_step --quick    # the large leaf, GPT-2 on H100 (< 3 min)
 
 Needs the compilers: ``pip install -e ".[accelerators,bench]"``. Writes
 ``accelerator_step.json``, ``accelerator_step.md`` and ``accelerator_step.png``
@@ -31,9 +31,6 @@ import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # this machine runs nothing on an accelerator
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -44,13 +41,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _machine import machine, machine_line  # noqa: E402
-
 import lion_optax  # noqa: E402
 from lion_optax import hlo  # noqa: E402
+
+from . import _output  # noqa: E402
+from ._model_trees import abstract_gpt  # noqa: E402
 
 LR, WD = 1e-4, 0.1
 PER_DEVICE = (4096, 4096)
@@ -96,24 +91,7 @@ COMPILE_CONFIGURATIONS = [
 
 def gpt_tree(layers: int = 12, width: int = 768, vocab: int = 50304) -> Any:
     """GPT-2's parameter shapes (12 layers: 124M parameters, 148 leaves), abstract."""
-
-    def linear(i: int, o: int) -> dict:
-        return {'kernel': jnp.zeros((i, o)), 'bias': jnp.zeros(o)}
-
-    def norm() -> dict:
-        return {'scale': jnp.ones(width), 'bias': jnp.zeros(width)}
-
-    def build() -> dict:
-        tree = {'wte': jnp.zeros((vocab, width)), 'wpe': jnp.zeros((1024, width)), 'ln_f': norm()}
-        for i in range(layers):
-            tree[f'h{i}'] = {
-                'ln1': norm(), 'ln2': norm(),
-                'attn': {'qkv': linear(width, 3 * width), 'proj': linear(width, width)},
-                'mlp': {'fc': linear(width, 4 * width), 'proj': linear(4 * width, width)},
-            }
-        return tree
-
-    return jax.eval_shape(build)
+    return abstract_gpt(blocks=layers, width=width, vocab=vocab, context=1024)
 
 
 def large_leaf(target: str, dtype: Any, per_device: bool = True) -> tuple[Any, int]:
@@ -167,33 +145,25 @@ def measure_tree(target: str, tree: Any, names: list[str], rounds: int) -> dict[
     out = {}
     for name in names:
         seconds = np.asarray(samples[name])
-        ratio = seconds / reference
         out[name] = {
             'kernels': kernels[name],
             'compile_s_median': float(np.median(seconds)),
-            'vs_optax_lion_median': float(np.median(ratio)),
-            'vs_optax_lion_p25': float(np.percentile(ratio, 25)),
-            'vs_optax_lion_p75': float(np.percentile(ratio, 75)),
+            **_output.spread(seconds / reference, 'vs_optax_lion_{}'),
         }
     return {'leaves': len(jax.tree.leaves(tree)), 'rounds': rounds, 'configurations': out}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [
+    blocks = [
         '# The Lion step on the accelerators\' compilers (ahead of time)',
-        '',
-        machine_line(report['machine']) + f' Compilers: {report["compilers"]}.',
-        '',
+        _output.machine_line(report['machine']) + f' Compilers: {report["compilers"]}.',
         'Compiler figures, not timings: HBM bytes per parameter of the compiled update + '
         'apply_updates (donated), x its ideal; the naive count (every operand and result, '
         'on-chip too) in brackets; kernels; temporaries.',
-        '',
     ]
     for size, leaf in report['large_leaf'].items():
         targets = list(leaf)
-        lines += [f'## One float32 leaf, {size}', '',
-                  '| configuration | ideal B | ' + ' | '.join(targets) + ' |',
-                  '|---|---|' + '---|' * len(targets)]
+        rows = []
         for name in CONFIGURATIONS:
             cells = []
             for target in targets:
@@ -208,40 +178,36 @@ def markdown(report: dict[str, Any]) -> str:
                 if r['temporaries_mib'] >= 0.5:
                     cell += f', temp {r["temporaries_mib"]:.0f} MiB'
                 cells.append(cell + ')')
-            ideal = CONFIGURATIONS[name][2]
-            lines.append(f'| {name} | {ideal:g} | ' + ' | '.join(cells) + ' |')
-        lines.append('')
+            rows.append([name, f'{CONFIGURATIONS[name][2]:g}', *cells])
+        blocks += [f'## One float32 leaf, {size}',
+                   _output.markdown_table(['configuration', 'ideal B', *targets], rows)]
     if report.get('auto_mesh'):
-        lines += ['## int8 momentum with an Auto mesh (TPU: the XLA formulation)', '',
-                  '| target | B/param = x ideal (kernels, temporaries) |', '|---|---|']
-        for target, r in report['auto_mesh'].items():
-            lines.append(f'| {target} | {r["bytes_per_parameter"]:.2f} = {r["vs_ideal"]:.2f}x '
-                         f'({r["kernels"]} kernels, {r["temporaries_mib"]:.0f} MiB) |')
-        lines.append('')
+        rows = [[target, f'{r["bytes_per_parameter"]:.2f} = {r["vs_ideal"]:.2f}x '
+                 f'({r["kernels"]} kernels, {r["temporaries_mib"]:.0f} MiB)']
+                for target, r in report['auto_mesh'].items()]
+        header = ['target', 'B/param = x ideal (kernels, temporaries)']
+        blocks += ['## int8 momentum with an Auto mesh (TPU: the XLA formulation)',
+                   _output.markdown_table(header, rows)]
+    header = ['configuration', 'kernels', 'compile s', 'vs optax.lion [25-75 %]']
     for tree_name, per_target in report['trees'].items():
         for target, tree in per_target.items():
-            lines += [f'## {tree_name} ({tree["leaves"]} leaves), {target}, '
-                      f'{tree["rounds"]} rounds', '',
-                      '| configuration | kernels | compile s | vs optax.lion [25-75 %] |',
-                      '|---|---|---|---|']
-            for name, c in tree['configurations'].items():
-                lines.append(f'| {name} | {c["kernels"]} | {c["compile_s_median"]:.2f} | '
-                             f'{c["vs_optax_lion_median"]:.2f} [{c["vs_optax_lion_p25"]:.2f}-'
-                             f'{c["vs_optax_lion_p75"]:.2f}] |')
-            lines.append('')
-    return '\n'.join(lines)
+            rows = [[name, c['kernels'], f'{c["compile_s_median"]:.2f}',
+                     f'{c["vs_optax_lion_median"]:.2f} [{c["vs_optax_lion_p25"]:.2f}-'
+                     f'{c["vs_optax_lion_p75"]:.2f}]']
+                    for name, c in tree['configurations'].items()]
+            blocks += [f'## {tree_name} ({tree["leaves"]} leaves), {target}, '
+                       f'{tree["rounds"]} rounds', _output.markdown_table(header, rows)]
+    return _output.document(*blocks)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+def plot(report: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
     leaf = next(iter(report['large_leaf'].values()))
     targets = list(leaf)
     names = [n for n in CONFIGURATIONS if all(n in leaf[t] for t in targets)]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8.5))
+    fig = Figure(figsize=(11, 8.5), dpi=110, layout='tight')
+    top, bottom = fig.subplots(2, 1)
     width = 0.8 / max(1, len(targets))
     x = np.arange(len(names))
     for i, target in enumerate(targets):
@@ -273,16 +239,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         bottom.set_title(f'{tree_name}: compile time against optax.lion (median, 25-75 %)',
                          fontsize=9)
         bottom.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = _output.parser('accelerator_step', __doc__, out='results/accelerator_step/')
     parser.add_argument('--quick', action='store_true',
                         help='the large leaf on every target; GPT-2 on H100 only, 1 round')
-    parser.add_argument('--out', default='results/accelerator_step/', help='output folder')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved compile rounds')
     parser.add_argument('--targets', nargs='*', default=list(hlo.TARGETS))
     args = parser.parse_args(argv)
@@ -292,16 +255,14 @@ def main(argv: list[str] | None = None) -> Path:
     if not targets:
         raise SystemExit('no accelerator compiler here: pip install -e ".[accelerators]"')
     rounds = args.rounds or (1 if args.quick else 3)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     import libtpu  # noqa: PLC0415  (versions for the report)
 
     report: dict[str, Any] = {
-        'machine': machine(), 'quick': args.quick,
+        'machine': _output.machine(), 'quick': args.quick,
         'compilers': f'jax {jax.__version__}, libtpu {getattr(libtpu, "__version__", "?")}',
         'large_leaf': {}, 'auto_mesh': {}, 'trees': {},
     }
-    start = time.perf_counter()
+    clock = _output.Clock()
     sizes = {'16M parameters per device': True}
     if 'gpu h100' in targets and not args.quick:
         sizes['64M parameters in all (4 devices\' worth)'] = False
@@ -311,7 +272,7 @@ def main(argv: list[str] | None = None) -> Path:
             report['large_leaf'][size][target] = {
                 name: measure_leaf(target, name, per_device=per_device) for name in CONFIGURATIONS
             }
-            print(f'{size}, {target}: done after {time.perf_counter() - start:.0f} s', flush=True)
+            clock.done(f'{size}, {target}')
     for target in targets:
         if target.startswith('tpu'):
             report['auto_mesh'][target] = measure_leaf(target, 'int8 momentum', axis_types='auto')
@@ -325,17 +286,10 @@ def main(argv: list[str] | None = None) -> Path:
         for target in [t for t in tree_targets if t in targets]:
             report['trees'][tree_name][target] = measure_tree(
                 target, tree, COMPILE_CONFIGURATIONS, rounds)
-            print(f'{tree_name}, {target}: done after {time.perf_counter() - start:.0f} s',
-                  flush=True)
-    report['wall_seconds'] = time.perf_counter() - start
-    (out / 'accelerator_step.json').write_text(json.dumps(report, indent=2, default=float))
-    text = markdown(report)
-    (out / 'accelerator_step.md').write_text(text)
-    plot(report, out / 'accelerator_step.png')
-    print(text)
-    print(f'Wrote {out.resolve()} (accelerator_step.json, .md, .png) in '
-          f'{report["wall_seconds"]:.0f} s')
-    return out
+            clock.done(f'{tree_name}, {target}')
+    report['wall_seconds'] = clock.seconds
+    _output.write_report(args.out, 'accelerator_step', report, markdown, plot)
+    return args.out
 
 
 if __name__ == '__main__':

@@ -15,15 +15,12 @@ optax.lion are taken round by round, then the median.
 
 Usage::
 
-    python benchmarks/compile_time.py            # full (about 10 min on 2 cores)
-    python benchmarks/compile_time.py --quick    # 12 and 24 blocks, 1 round (< 2 min)
+    python -m benchmarks.compile_time            # full (about 10 min on 2 cores)
+    python -m benchmarks.compile_time --quick    # 12 and 24 blocks, 1 round (< 2 min)
 
 Writes ``compile_time.json``, ``compile_time.md`` and ``compile_time.png`` to ``--out``.
 """
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,13 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lion_optax
 
-from _machine import machine, machine_line  # noqa: E402
-from _model_trees import gpt_tree, vit_tree  # noqa: E402
-
-import lion_optax  # noqa: E402
+from . import _output
+from ._model_trees import gpt_tree, vit_tree
 
 LR, WD = 1e-4, 0.1
 
@@ -103,53 +97,43 @@ def bench_tree(params: Any, table: dict, rounds: int) -> dict[str, Any]:
     results = {}
     for name, values in samples.items():
         cpu = np.asarray([v[0] for v in values])
-        ratio = cpu / reference
         results[name] = {
-            'cpu_s_median': float(np.median(cpu)),
-            'cpu_s_p25': float(np.percentile(cpu, 25)),
-            'cpu_s_p75': float(np.percentile(cpu, 75)),
+            **_output.spread(cpu, 'cpu_s_{}'),
             'wall_s_median': float(np.median([v[1] for v in values])),
-            'vs_optax_lion_median': float(np.median(ratio)),
-            'vs_optax_lion_p25': float(np.percentile(ratio, 25)),
-            'vs_optax_lion_p75': float(np.percentile(ratio, 75)),
+            **_output.spread(cpu / reference, 'vs_optax_lion_{}'),
             'hlo_lines': int(values[0][2]),
         }
     return {'leaves': len(jax.tree.leaves(params)), 'rounds': rounds, 'configurations': results}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report['machine']
-    lines = [
+    blocks = [
         '# Compile time of the jitted Lion step',
-        '',
-        machine_line(m),
-        '',
+        _output.machine_line(report['machine']),
         'CPU seconds to compile update + apply_updates (median over interleaved rounds '
         '[25-75 %]); ratio to optax.lion per round, then the median; optimised HLO lines.',
-        '',
     ]
+    header = ['configuration', 'CPU s [25-75 %]', 'vs optax.lion', 'HLO lines']
     for tree_name, tree in report['trees'].items():
-        lines += [
-            f'## {tree_name} ({tree["leaves"]} leaves, {tree["rounds"]} rounds)',
-            '',
-            '| configuration | CPU s [25-75 %] | vs optax.lion | HLO lines |',
-            '|---|---|---|---|',
+        rows = [
+            [
+                name,
+                f'{c["cpu_s_median"]:.2f} [{c["cpu_s_p25"]:.2f}-{c["cpu_s_p75"]:.2f}]',
+                f'{c["vs_optax_lion_median"]:.2f} [{c["vs_optax_lion_p25"]:.2f}-'
+                f'{c["vs_optax_lion_p75"]:.2f}]',
+                c['hlo_lines'],
+            ]
+            for name, c in tree['configurations'].items()
         ]
-        for name, c in tree['configurations'].items():
-            lines.append(
-                f'| {name} | {c["cpu_s_median"]:.2f} [{c["cpu_s_p25"]:.2f}-{c["cpu_s_p75"]:.2f}] '
-                f'| {c["vs_optax_lion_median"]:.2f} [{c["vs_optax_lion_p25"]:.2f}-'
-                f'{c["vs_optax_lion_p75"]:.2f}] | {c["hlo_lines"]} |'
-            )
-        lines.append('')
-    return '\n'.join(lines)
+        blocks += [
+            f'## {tree_name} ({tree["leaves"]} leaves, {tree["rounds"]} rounds)',
+            _output.markdown_table(header, rows),
+        ]
+    return _output.document(*blocks)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+def plot(report: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
     from matplotlib.ticker import ScalarFormatter  # pylint: disable=import-outside-toplevel
 
     gpt = sorted(
@@ -157,7 +141,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         key=lambda t: t['leaves'],
     )
     x = [t['leaves'] for t in gpt]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout='tight')
+    ax = fig.subplots()
     markers = 'osD^v<>phX*P'
     for i, name in enumerate(gpt[0]['configurations']):
         med = [t['configurations'][name]['cpu_s_median'] for t in gpt]
@@ -177,34 +162,21 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f'Compiling one Lion step, {report["machine"]["cpu_model"]}', fontsize=9)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = _output.parser('compile_time', __doc__, out='results/compile_time/')
     parser.add_argument('--quick', action='store_true', help='12 and 24 blocks, 1 round')
-    parser.add_argument('--out', default='results/compile_time/', help='output folder')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds')
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {'machine': machine(), 'quick': args.quick, 'trees': {}}
     table = configurations(args.quick)
-    start = time.perf_counter()
-    for name, params in trees(args.quick).items():
-        report['trees'][name] = bench_tree(params, table, rounds)
-        print(f'{name}: done after {time.perf_counter() - start:.0f} s', flush=True)
-    report['wall_seconds'] = time.perf_counter() - start
-    (out / 'compile_time.json').write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    (out / 'compile_time.md').write_text(text)
-    plot(report, out / 'compile_time.png')
-    print(text)
-    print(f'Wrote {out.resolve()} (compile_time.json, .md, .png) in {report["wall_seconds"]:.0f} s')
-    return out
+    report = _output.measure_trees(
+        trees(args.quick), lambda params: bench_tree(params, table, rounds), args.quick
+    )
+    _output.write_report(args.out, 'compile_time', report, markdown, plot)
+    return args.out
 
 
 if __name__ == '__main__':

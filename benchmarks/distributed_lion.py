@@ -16,8 +16,8 @@ table extrapolates the traffic to 1e9 parameters and up to 1024 workers with
 
 Run::
 
-    python benchmarks/distributed_lion.py            # 3 seeds x 300 steps
-    python benchmarks/distributed_lion.py --quick    # 1 seed x 60 steps, < 1 minute
+    python -m benchmarks.distributed_lion            # 3 seeds x 300 steps
+    python -m benchmarks.distributed_lion --quick    # 1 seed x 60 steps, < 1 minute
 
 Writes ``results.json`` and ``distributed_lion.png`` into ``--out``
 (default ``results/distributed/``). Seeds are interleaved across methods;
@@ -29,13 +29,9 @@ of those with ``--lion-factor`` (3 for 300 steps, 1 for the 60 steps of
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import os
-import pathlib
-import sys
 import time
+from typing import Any
 
 import jax
 
@@ -48,13 +44,10 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _data  # noqa: E402
-import _models  # noqa: E402
-import _training  # noqa: E402
-
 import lion_optax  # noqa: E402
+
+from . import _output  # noqa: E402
+from .main_job import _data, _models  # noqa: E402
 
 WORKERS = 8
 METHODS = ('adamw', 'lion (global)', 'distributed lion (vote)', 'distributed lion (average)')
@@ -62,14 +55,6 @@ METHODS = ('adamw', 'lion (global)', 'distributed lion (vote)', 'distributed lio
 
 MODEL = functools.partial(_models.MLP, 128, 10)  # 64-128-128-10, LayerNorm, GELU
 GRAPHDEF = _models.graph_definition(MODEL)
-
-
-def _loss_and_accuracy(params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _training.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
-
-
-def _loss(params, x: jax.Array, y: jax.Array) -> jax.Array:
-    return _loss_and_accuracy(params, x, y)[0]
 
 
 ADAMW_LR, ADAMW_WD = 3e-3, 1e-2
@@ -104,7 +89,7 @@ def _train_step(method: str, tx, mesh, state_specs):
     )
     def step(params, state, x, y):
         local = jax.lax.pcast(params, 'data', to='varying')
-        loss, grads = jax.value_and_grad(_loss)(local, x, y)
+        loss, grads = jax.value_and_grad(functools.partial(_models.loss, GRAPHDEF))(local, x, y)
         if not distributed:
             grads = jax.lax.pmean(grads, 'data')  # the float32 all-reduce
         updates, state = tx.update(grads, state, params)
@@ -145,7 +130,7 @@ def run(
 
     compiled = step.lower(params, state, *batch_at(0)).compile()
     bytes_per_step = lion_optax.hlo.bytes_sent_per_device(compiled)
-    evaluate = jax.jit(_loss_and_accuracy)
+    evaluate = jax.jit(functools.partial(_models.loss_and_accuracy, GRAPHDEF))
     test_steps, test_loss, train_loss = [], [], []
     start = time.perf_counter()
     for t in range(steps):
@@ -193,13 +178,11 @@ def _spread(values) -> str:
     return f'{np.median(values):.4g} [{values.min():.4g}, {values.max():.4g}]'
 
 
-def _plot(runs: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
+def _plot(runs: list[dict]) -> Any:
+    from matplotlib.figure import Figure
 
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    fig, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), dpi=120, layout='tight')
+    by_step, by_bytes = fig.subplots(1, 2)
     colors = dict(zip(METHODS, ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green')))
     for method in METHODS:
         mine = [r for r in runs if r['method'] == method]
@@ -220,15 +203,12 @@ def _plot(runs: list[dict], path: pathlib.Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.suptitle(f'MLP on digits, data parallel over {WORKERS} simulated devices')
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = _output.parser('distributed_lion', __doc__, out='results/distributed')
     parser.add_argument('--quick', action='store_true', help='1 seed x 60 steps (< 1 minute)')
-    parser.add_argument('--out', default='results/distributed', help='output folder')
     parser.add_argument('--steps', type=int, default=None)
     parser.add_argument('--seeds', type=int, default=None)
     parser.add_argument(
@@ -289,8 +269,6 @@ def main(argv=None) -> dict:
             f'{row["vote_gb"]:8.3f} {row["average_gb"]:8.3f}'
         )
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = {
         'workers': WORKERS,
         'steps': steps,
@@ -303,9 +281,8 @@ def main(argv=None) -> dict:
         'runs': runs,
         'jax_version': jax.__version__,
     }
-    (out / 'results.json').write_text(json.dumps(result, indent=1))
-    _plot(runs, out / 'distributed_lion.png')
-    print(f'\nwrote {out / "results.json"} and {out / "distributed_lion.png"}')
+    files = {'results.json': result, 'distributed_lion.png': lambda: _plot(runs)}
+    _output.write(args.out, files, indent=1)
     return result
 
 

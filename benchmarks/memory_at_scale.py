@@ -14,15 +14,12 @@ really hold on an 8-device CPU mesh.
 
 Usage::
 
-    python benchmarks/memory_at_scale.py [--out DIR]
+    python -m benchmarks.memory_at_scale [--out DIR]
 
 Writes ``memory_at_scale.json`` and ``memory_at_scale.md``.
 """
 
-import argparse
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +29,10 @@ import optax
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lion_optax
 
-from _model_trees import gpt_tree  # noqa: E402
-
-import lion_optax  # noqa: E402
+from . import _output
+from ._model_trees import abstract_gpt
 
 # GPT-shaped, about 1.11e9 parameters: width 2048, 20 blocks, the GPT-2 vocabulary
 # padded to a multiple of 256 (50432; unpadded, 256 devices would shard the
@@ -53,11 +48,6 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
         'lion, bfloat16 momentum': lion_optax.lion(1e-4, weight_decay=0.1, mu_dtype=jnp.bfloat16),
         'lion, int8 momentum': lion_optax.lion(1e-4, weight_decay=0.1, mu_dtype='int8'),
     }
-
-
-def abstract_gpt(**sizes: int) -> Any:
-    """The GPT tree's shapes (float32), without allocating it."""
-    return jax.eval_shape(lambda: gpt_tree(**sizes))
 
 
 def fsdp_spec(shape: tuple[int, ...], devices: int, axis: str = 'data') -> P:
@@ -117,34 +107,28 @@ def table(sizes: dict[str, int], device_counts=DEVICE_COUNTS) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     counts = [c for c in result['bytes_per_device']['optax.adamw'] if c != 'total']
-    lines = [
+    header = ['optimizer', 'state, total', *(f'per device, {c} devices' for c in counts), 'B/param']
+    rows = [
+        [
+            name,
+            f'{row["total"] / 2**30:.2f} GiB',
+            *(f'{row[c] / 2**20:,.0f} MiB' for c in counts),
+            f'{row["total"] / result["num_params"]:.3f}',
+        ]
+        for name, row in result['bytes_per_device'].items()
+    ]
+    return _output.document(
         f'Optimizer state of a GPT-shaped model, {result["num_params"] / 1e9:.2f}B parameters '
         f'({result["leaves"]} leaves), FSDP (each array sharded along its first divisible axis):',
-        '',
-        '| optimizer | state, total | ' + ' | '.join(f'per device, {c} devices' for c in counts)
-        + ' | B/param |',
-        '|---|---|' + '---|' * len(counts) + '---|',
-    ]
-    for name, row in result['bytes_per_device'].items():
-        cells = ' | '.join(f'{row[c] / 2**20:,.0f} MiB' for c in counts)
-        lines.append(f'| {name} | {row["total"] / 2**30:.2f} GiB | {cells} | '
-                     f'{row["total"] / result["num_params"]:.3f} |')
-    return '\n'.join(lines) + '\n'
+        _output.markdown_table(header, rows),
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--out', default='results/memory_at_scale/', help='output folder')
+    parser = _output.parser('memory_at_scale', __doc__, out='results/memory_at_scale/')
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = table(GPT_1B)
-    (out / 'memory_at_scale.json').write_text(json.dumps(result, indent=2))
-    text = markdown(result)
-    (out / 'memory_at_scale.md').write_text(text)
-    print(text)
-    print(f'Wrote {out.resolve()} (memory_at_scale.json, memory_at_scale.md)')
-    return out
+    _output.write_report(args.out, 'memory_at_scale', table(GPT_1B), markdown)
+    return args.out
 
 
 if __name__ == '__main__':

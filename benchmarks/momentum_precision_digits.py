@@ -1,7 +1,7 @@
 """Does low-precision momentum cost accuracy? fp32 vs bf16 vs int8 momentum on a real task.
 
-The main job's MLP (64-256-256-10, LayerNorm, GELU; ``_models.MLP``) on the main
-job's split of scikit-learn's 8x8 digits (``_data.load_digits_splits``: trained on
+The main job's MLP (64-256-256-10, LayerNorm, GELU; ``main_job._models.MLP``) on the main
+job's split of scikit-learn's 8x8 digits (``main_job._data.load_digits_splits``: trained on
 the 60% train split, reported on the 20% test split; no download), trained with
 ``lion_optax.lion`` for a fixed number of minibatch steps, once per momentum
 storage and seed:
@@ -22,17 +22,13 @@ seed-to-seed spread of fp32 itself.
 
 Usage::
 
-    python benchmarks/momentum_precision_digits.py              # 8 seeds
-    python benchmarks/momentum_precision_digits.py --seeds 3 --steps 600 --out results/momentum_precision/
+    python -m benchmarks.momentum_precision_digits              # 8 seeds
+    python -m benchmarks.momentum_precision_digits --seeds 3 --steps 600 --out results/momentum_precision/
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lion_optax
 
-import _data  # noqa: E402
-import _models  # noqa: E402
-import _training  # noqa: E402
-
-import lion_optax  # noqa: E402
+from . import _output
+from .main_job import _data, _models
 
 STORAGES = {
     'fp32': dict(),
@@ -59,14 +52,6 @@ STORAGES = {
 
 MODEL = functools.partial(_models.MLP, 256, 10)
 GRAPHDEF = _models.graph_definition(MODEL)
-
-
-def loss_and_accuracy(params, x, y):
-    return _training.cross_entropy(_models.apply(GRAPHDEF, params, x), y)
-
-
-def loss_fn(params, x, y):
-    return loss_and_accuracy(params, x, y)[0]
 
 
 def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) -> dict[str, float]:
@@ -87,7 +72,9 @@ def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) ->
     def run(params, state, batches):
         def body(carry, index):
             params, state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, x_train[index], y_train[index])
+            loss, grads = jax.value_and_grad(functools.partial(_models.loss, GRAPHDEF))(
+                params, x_train[index], y_train[index]
+            )
             updates, state = tx.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), loss
 
@@ -95,7 +82,7 @@ def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) ->
         return params, losses
 
     params, losses = run(params, state, jnp.asarray(batches))
-    test_loss, accuracy = loss_and_accuracy(params, x_test, y_test)
+    test_loss, accuracy = _models.loss_and_accuracy(GRAPHDEF, params, x_test, y_test)
     return {
         'test_accuracy': float(accuracy),
         'test_loss': float(test_loss),
@@ -103,19 +90,8 @@ def train(storage: dict[str, Any], seed: int, steps: int, batch: int, splits) ->
     }
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--seeds', type=int, default=8)
-    parser.add_argument('--steps', type=int, default=1500)
-    parser.add_argument('--batch', type=int, default=32)
-    parser.add_argument('--out', default='results/momentum_precision/')
-    args = parser.parse_args(argv)
-    splits = _data.load_digits_splits()
-    start = time.perf_counter()
-    runs = {
-        name: [train(kw, seed, args.steps, args.batch, splits) for seed in range(args.seeds)]
-        for name, kw in STORAGES.items()
-    }
+def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per storage: seed statistics and the paired differences to fp32 (see the docstring)."""
     summary = {}
     base = np.array([r['test_accuracy'] for r in runs['fp32']])
     base_loss = np.array([r['test_loss'] for r in runs['fp32']])
@@ -141,38 +117,55 @@ def main(argv: list[str] | None = None) -> Path:
                 or abs(diff.mean()) <= max(2 * se, base.std(ddof=1) if len(base) > 1 else 0.0)
             ),
         }
+    return summary
+
+
+def markdown(report: dict[str, Any]) -> str:
+    header = ['momentum', 'test acc. mean +- std', 'paired diff vs fp32 (+- se)']
+    header += ['test loss mean +- std', 'paired loss diff (+- se)', 'within noise']
+    rows = [
+        [
+            name,
+            f'{s["test_accuracy_mean"]:.4f} +- {s["test_accuracy_std"]:.4f}',
+            f'{s["paired_accuracy_diff_vs_fp32"]:+.4f} +- {s["paired_accuracy_diff_se"]:.4f}',
+            f'{s["test_loss_mean"]:.4f} +- {s["test_loss_std"]:.4f}',
+            f'{s["paired_test_loss_diff_vs_fp32"]:+.4f} +- {s["paired_test_loss_diff_se"]:.4f}',
+            'yes' if s['within_noise'] else 'NO',
+        ]
+        for name, s in report['summary'].items()
+    ]
+    return _output.document(
+        f'# Momentum storage on digits (MLP, {report["seeds"]} seeds, {report["steps"]} steps, '
+        f'batch {report["batch"]})',
+        _output.markdown_table(header, rows),
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = _output.parser(
+        'momentum_precision_digits', __doc__, out='results/momentum_precision/'
+    )
+    parser.add_argument('--seeds', type=int, default=8)
+    parser.add_argument('--steps', type=int, default=1500)
+    parser.add_argument('--batch', type=int, default=32)
+    args = parser.parse_args(argv)
+    splits = _data.load_digits_splits()
+    clock = _output.Clock()
+    runs = {
+        name: [train(kw, seed, args.steps, args.batch, splits) for seed in range(args.seeds)]
+        for name, kw in STORAGES.items()
+    }
     report = {
         'seeds': args.seeds,
         'steps': args.steps,
         'batch': args.batch,
         'device': str(jax.devices()[0].device_kind),
-        'summary': summary,
+        'summary': summarize(runs),
         'runs': runs,
-        'wall_seconds': time.perf_counter() - start,
+        'wall_seconds': clock.seconds,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'momentum_precision.json').write_text(json.dumps(report, indent=2))
-    lines = [
-        f'# Momentum storage on digits (MLP, {args.seeds} seeds, {args.steps} steps, batch {args.batch})',
-        '',
-        '| momentum | test acc. mean +- std | paired diff vs fp32 (+- se) | test loss mean +- std | '
-        'paired loss diff (+- se) | within noise |',
-        '|---|---|---|---|---|---|',
-    ]
-    for name, s in summary.items():
-        lines.append(
-            f'| {name} | {s["test_accuracy_mean"]:.4f} +- {s["test_accuracy_std"]:.4f} | '
-            f'{s["paired_accuracy_diff_vs_fp32"]:+.4f} +- {s["paired_accuracy_diff_se"]:.4f} | '
-            f'{s["test_loss_mean"]:.4f} +- {s["test_loss_std"]:.4f} | '
-            f'{s["paired_test_loss_diff_vs_fp32"]:+.4f} +- {s["paired_test_loss_diff_se"]:.4f} | '
-            f'{"yes" if s["within_noise"] else "NO"} |'
-        )
-    text = '\n'.join(lines)
-    (out / 'momentum_precision.md').write_text(text + '\n')
-    print(text)
-    print(f'Wrote {out.resolve()} in {report["wall_seconds"]:.0f} s')
-    return out
+    _output.write_report(args.out, 'momentum_precision', report, markdown)
+    return args.out
 
 
 if __name__ == '__main__':

@@ -43,8 +43,8 @@ this rate, and marked as projected.
 
 Run (as root, or where unprivileged user namespaces are allowed)::
 
-    python benchmarks/slow_link.py             # about 14 minutes on 2 cores
-    python benchmarks/slow_link.py --quick     # 8M only, 1 Gbit/s and free, under 2 minutes
+    python -m benchmarks.slow_link             # about 14 minutes on 2 cores
+    python -m benchmarks.slow_link --quick     # 8M only, 1 Gbit/s and free, under 2 minutes
 
 Writes ``slow_link.json``, ``slow_link.md``, ``slow_link_loss.png`` (loss
 against seconds, one panel per rate) and ``slow_link_step_time.png`` (step
@@ -53,7 +53,6 @@ time against rate) into ``--out`` (default ``results/slow_link/``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -68,8 +67,11 @@ import sys
 import time
 from typing import Any
 
-HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parent
+from . import _output
+
+# The repository root: the processes this module starts (``python -m benchmarks.slow_link
+# --namespace`` and ``--worker``) import it from there.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 ALL_REDUCE_LION = 'lion (all-reduce)'
 VOTE = 'distributed lion (vote)'
@@ -282,10 +284,14 @@ def run(config: Config, raw_path: pathlib.Path, timeout: float = 1800) -> dict[s
     raw_path.unlink(missing_ok=True)
     config_path = raw_path.with_suffix('.config.json')
     config_path.write_text(config.to_json())
-    command = [*(_unshare_command() or []), sys.executable, str(pathlib.Path(__file__).resolve())]
+    command = [*(_unshare_command() or []), *_this_module('--namespace')]
+    # The workers inherit this environment, through the namespace's process.
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
+    env['JAX_PLATFORMS'] = 'cpu'
     # A session of its own, so that a timeout ends the workers too (they share its group).
     namespace = subprocess.Popen(
-        [*command, '--namespace', str(config_path), str(raw_path)], start_new_session=True
+        [*command, str(config_path), str(raw_path)], env=env, start_new_session=True
     )
     try:
         code = namespace.wait(timeout=timeout)
@@ -304,6 +310,11 @@ def run(config: Config, raw_path: pathlib.Path, timeout: float = 1800) -> dict[s
     return json.loads(raw_path.read_text())
 
 
+def _this_module(*args: str) -> list[str]:
+    """The command that runs this module with ``args`` in a new Python process."""
+    return [sys.executable, '-m', __spec__.name, *args]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -316,9 +327,6 @@ def _in_namespace(config_path: str, raw_path: str) -> int:
     subprocess.run(['ip', 'link', 'set', 'lo', 'up'], check=True)
     subprocess.run(['ip', 'link', 'set', 'lo', 'mtu', str(config.mtu)], check=True)
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
-    env['JAX_PLATFORMS'] = 'cpu'
     logs, procs = [], []
     log_dir = pathlib.Path(raw_path).parent
     try:
@@ -327,9 +335,7 @@ def _in_namespace(config_path: str, raw_path: str) -> int:
             logs.append(log)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, __file__, '--worker', config_path, raw_path, str(pid)]
-                    + [str(port)],
-                    env=env,
+                    _this_module('--worker', config_path, raw_path, str(pid), str(port)),
                     stdout=None if pid == 0 else log,
                     stderr=None if pid == 0 else subprocess.STDOUT,
                 )
@@ -382,8 +388,7 @@ class _Worker:
         import jax
         import numpy as np
 
-        sys.path.insert(0, str(HERE))
-        import _data
+        from .main_job import _data
 
         self.config, self.pid = config, pid
         self.mesh = jax.make_mesh((jax.device_count(),), ('data',))
@@ -417,8 +422,7 @@ class _Worker:
 
         import lion_optax
 
-        sys.path.insert(0, str(HERE))
-        import _models
+        from .main_job import _models
 
         lion_lr, lion_wd = lion_optax.adamw_to_lion(ADAMW_LR, ADAMW_WD, factor=LION_FACTOR)
         shape = lion_optax.warmup_cosine_schedule(1.0, steps)
@@ -444,17 +448,13 @@ class _Worker:
 
         import lion_optax
 
-        sys.path.insert(0, str(HERE))
-        import _models
-        import _training
+        from .main_job import _models
 
         np = self.np
         if method == FLOOR:
             return self._build_floor(graphdef, params0)
 
-        def loss_fn(params, x, y):
-            return _training.cross_entropy(_models.apply(graphdef, params, x), y)[0]
-
+        loss_fn = functools.partial(_models.loss, graphdef)
         tx = self._optimizer(method, spec.steps)
         if method in (VOTE, AVERAGE):
 
@@ -495,13 +495,9 @@ class _Worker:
         import jax
         from jax.sharding import PartitionSpec as P
 
-        sys.path.insert(0, str(HERE))
-        import _models
-        import _training
+        from .main_job import _models
 
-        def loss_fn(params, x, y):
-            return _training.cross_entropy(_models.apply(graphdef, params, x), y)[0]
-
+        loss_fn = functools.partial(_models.loss, graphdef)
         specs = jax.tree.map(lambda _: P('data'), params0)
 
         @functools.partial(jax.jit, donate_argnums=(0,))
@@ -542,8 +538,7 @@ class _Worker:
         """The initial parameters (from the seed), replicated on every device."""
         import jax
 
-        sys.path.insert(0, str(HERE))
-        import _models
+        from .main_job import _models
 
         make = functools.partial(_models.MLP, spec.hidden, 10)
         graphdef = _models.graph_definition(make)
@@ -568,15 +563,9 @@ class _Worker:
     def _evaluator(self, graphdef):
         import jax
 
-        sys.path.insert(0, str(HERE))
-        import _models
-        import _training
+        from .main_job import _models
 
-        @jax.jit
-        def evaluate(params, x, y):
-            return _training.cross_entropy(_models.apply(graphdef, params, x), y)
-
-        return evaluate
+        return jax.jit(functools.partial(_models.loss_and_accuracy, graphdef))
 
     def _fresh(self, host_params, fresh_state):
         """Fresh replicated parameters and initial state (every step donates them)."""
@@ -608,13 +597,10 @@ class _Worker:
     def run(self) -> dict[str, Any]:
         import jax
 
-        sys.path.insert(0, str(HERE))
-        import _machine
-
         config = self.config
         raw: dict[str, Any] = {
             'config': dataclasses.asdict(config),
-            'machine': _machine.machine(),
+            'machine': _output.machine(),
             'processes': jax.process_count(),
             'devices': jax.device_count(),
             'date': time.strftime('%Y-%m-%d %H:%M %Z'),
@@ -634,7 +620,7 @@ class _Worker:
         for spec in config.models:
             raw['models'].append(self._model(spec))
         raw['wall_seconds'] = time.perf_counter() - start
-        raw['load_average_at_end'] = os.getloadavg()
+        raw['load_average_at_end'] = _output.load_average()
         if self.bar is not None:
             self.bar.close()
         return raw
@@ -755,13 +741,6 @@ class _Worker:
 # The report: summary, table, plots.
 
 
-def _quartiles(values) -> tuple[float, float, float]:
-    import numpy as np
-
-    q1, median, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
-    return float(median), float(q1), float(q3)
-
-
 def _first_reached(cell: dict[str, Any], target: float) -> int | None:
     """The first evaluated step at which the validation loss is at most ``target``."""
     for step, loss in zip(cell['eval_steps'], cell['val_loss']):
@@ -803,7 +782,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             identical[method] = len(digests) <= 1 and same_prefix
         rows = []
         for cell in cells:
-            median, q1, q3 = _quartiles(cell['seconds'])
+            median, q1, q3 = _output.quartiles(cell['seconds'])
             seconds = float(np.sum(cell['seconds']))
             link = float(np.sum(cell['link_bytes']))
             row = {
@@ -842,7 +821,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 # median: robust to the machine's load changing during the run.
                 rounds = min(len(base['seconds']), len(mine['seconds']))
                 ratios = np.asarray(base['seconds'][:rounds]) / np.asarray(mine['seconds'][:rounds])
-                median, q1, q3 = _quartiles(ratios)
+                median, q1, q3 = _output.quartiles(ratios)
                 row['speedup_vs_all_reduce_lion'] = median
                 row['speedup_q1'], row['speedup_q3'] = q1, q3
         summary['models'].append(
@@ -942,16 +921,11 @@ def _speed(row: dict[str, Any]) -> str:
 
 def markdown(raw: dict[str, Any], summary: dict[str, Any], command: str) -> str:
     """The report as markdown: the machine, the command, one table per model, the goals."""
-    sys.path.insert(0, str(HERE))
-    import _machine
-
     config = raw['config']
-    lines = [
+    blocks = [
         '# Distributed Lion on a slow link',
-        '',
-        f'{_machine.machine_line(raw["machine"])} Load average at the end: '
+        f'{_output.machine_line(raw["machine"])} Load average at the end: '
         f'{tuple(round(x, 2) for x in raw["load_average_at_end"])}. Date: {raw["date"]}.',
-        '',
         f'Command: `{command}` ({raw["wall_seconds"] / 60:.1f} minutes). '
         f'{raw["processes"]} processes, one CPU device each, `jax.distributed` over the '
         f'loopback of a private network namespace (gloo collectives), `mtu {config["mtu"]}`, '
@@ -963,34 +937,27 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any], command: str) -> str:
         'after a time cap (below, per model) once it has run a minimum of steps; '
         '"projected" seconds to the target are its steps to the target (the same at every '
         'rate: the runs are bit for bit identical) times its mean step time at that rate.',
-        '',
     ]
     for model in summary['models']:
         e2e = model['end_to_end']
-        lines += [
-            f'## {model["name"]} ({model["num_params"]:,} parameters, '
-            f'{model["steps"]} steps{"" if e2e else ", step time only"})',
-            '',
-            f'Cap: {model["cap_seconds"]:g} s of steps per method and rate, at least '
-            f'{model["min_steps"]} steps.',
-            '',
-        ]
-        header = '| rate | method | steps | ms/step [quartiles] | speed-up vs all-reduce Lion, per round [quartiles] | link MB/step | link Mbit/s | HLO MB/device |'
-        align = '|---|---|---|---|---|---|---|---|'
+        header = ['rate', 'method', 'steps', 'ms/step [quartiles]']
+        header += ['speed-up vs all-reduce Lion, per round [quartiles]', 'link MB/step']
+        header += ['link Mbit/s', 'HLO MB/device']
         if e2e:
-            header += f' s to val loss {summary["target_loss"]:g} | final val loss |'
-            align += '---|---|'
-        lines += [header, align]
+            header += [f's to val loss {summary["target_loss"]:g}', 'final val loss']
+        rows = []
         for r in model['rows']:
             speed = r.get('speedup_vs_all_reduce_lion')
-            line = (
-                f'| {_rate_label(r["rate"])} | {r["method"]} | {r["steps"]}'
-                f'{" (cut)" if r["cut"] else ""} | {r["step_ms"]:.0f} '
-                f'[{r["step_ms_q1"]:.0f}, {r["step_ms_q3"]:.0f}] | '
-                f'{"" if speed is None or r["method"] == FLOOR else _speed(r)} | '
-                f'{r["link_bytes_per_step"] / 1e6:.2f} | {r["link_megabits_per_second"]:.0f} | '
-                f'{r["hlo_bytes_per_device"] / 1e6:.2f} |'
-            )
+            row = [
+                _rate_label(r['rate']),
+                r['method'],
+                f'{r["steps"]}{" (cut)" if r["cut"] else ""}',
+                f'{r["step_ms"]:.0f} [{r["step_ms_q1"]:.0f}, {r["step_ms_q3"]:.0f}]',
+                '' if speed is None or r['method'] == FLOOR else _speed(r),
+                f'{r["link_bytes_per_step"] / 1e6:.2f}',
+                f'{r["link_megabits_per_second"]:.0f}',
+                f'{r["hlo_bytes_per_device"] / 1e6:.2f}',
+            ]
             if e2e:
                 if 'seconds_to_target' in r:
                     seconds = f'{r["seconds_to_target"]:.1f} ({r["steps_to_target"]} steps'
@@ -998,19 +965,25 @@ def markdown(raw: dict[str, Any], summary: dict[str, Any], command: str) -> str:
                 else:
                     seconds = '' if r['method'] == FLOOR else 'not reached'
                 final = r.get('final_val_loss')
-                line += f' {seconds} | {"" if final is None else f"{final:.3f}"} |'
-            lines.append(line)
+                row += [seconds, '' if final is None else f'{final:.3f}']
+            rows.append(row)
         same = all(model['identical_across_rates'].values())
-        lines += [
-            '',
+        blocks += [
+            f'## {model["name"]} ({model["num_params"]:,} parameters, '
+            f'{model["steps"]} steps{"" if e2e else ", step time only"})',
+            f'Cap: {model["cap_seconds"]:g} s of steps per method and rate, at least '
+            f'{model["min_steps"]} steps.',
+            _output.markdown_table(header, rows),
             f'Identical numbers at every rate (final parameters and loss curves): {same}.',
-            '',
         ]
-    lines += ['## Goals (issue 19)', '', '| model | goal | measured | holds |', '|---|---|---|---|']
-    for g in summary['goals']:
-        lines.append(f'| {g["model"]} | {g["goal"]} | {g["value"]} | {"yes" if g["holds"] else "no"} |')
-    lines.append('')
-    return '\n'.join(lines)
+    goals = [
+        [g['model'], g['goal'], g['value'], 'yes' if g['holds'] else 'no'] for g in summary['goals']
+    ]
+    blocks += [
+        '## Goals (issue 19)',
+        _output.markdown_table(['model', 'goal', 'measured', 'holds'], goals),
+    ]
+    return _output.document(*blocks)
 
 
 STYLES = {
@@ -1022,18 +995,21 @@ STYLES = {
 }
 
 
-def plot_loss(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) -> None:
-    """Validation loss against training seconds, one panel per rate (end-to-end model)."""
+def plot_loss(raw: dict[str, Any], summary: dict[str, Any]) -> Any:
+    """Validation loss against training seconds, one panel per rate (end-to-end model).
+
+    None when no model ran end to end.
+    """
     import numpy as np
     from matplotlib import ticker
     from matplotlib.figure import Figure
 
     models = [(m, s) for m, s in zip(raw['models'], summary['models']) if s['end_to_end']]
     if not models:
-        return
+        return None
     model, info = models[0]
     rates = raw['config']['rates']
-    fig = Figure(figsize=(4.2 * len(rates), 4), layout='constrained')
+    fig = Figure(figsize=(4.2 * len(rates), 4), dpi=110, layout='constrained')
     axes = fig.subplots(1, len(rates), squeeze=False, sharey=True)[0]
     full = {
         c['method']: c for c in model['cells'] if not c['cut'] and c['method'] != FLOOR
@@ -1070,16 +1046,16 @@ def plot_loss(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) 
         '(dotted: projected from the same run at another rate; red: target)',
         fontsize=10,
     )
-    fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_step_time(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) -> None:
+def plot_step_time(raw: dict[str, Any], summary: dict[str, Any]) -> Any:
     """Median step time (quartile bars) against the link rate, one panel per model."""
     from matplotlib import ticker
     from matplotlib.figure import Figure
 
     rates = raw['config']['rates']
-    fig = Figure(figsize=(5.5 * len(summary['models']), 4.2), layout='constrained')
+    fig = Figure(figsize=(5.5 * len(summary['models']), 4.2), dpi=110, layout='constrained')
     axes = fig.subplots(1, len(summary['models']), squeeze=False)[0]
     for ax, model in zip(axes, summary['models']):
         for method in (*METHODS, FLOOR):
@@ -1098,7 +1074,7 @@ def plot_step_time(raw: dict[str, Any], summary: dict[str, Any], path: pathlib.P
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f'{raw["processes"]} processes, step time against link rate', fontsize=10)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def print_table(summary: dict[str, Any]) -> None:
@@ -1130,10 +1106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if argv[:1] == ['--worker']:
         _worker(argv[1], argv[2], int(argv[3]), int(argv[4]))
         return {}
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = _output.parser('slow_link', __doc__, out='results/slow_link')
     parser.add_argument('--quick', action='store_true', help='8M only, 1 Gbit/s and free (< 3 min)')
     parser.add_argument('--processes', type=int, default=2, help='2, or 4 where the machine allows')
-    parser.add_argument('--out', default='results/slow_link', help='output folder')
     parser.add_argument('--rates', default=None, help='comma-separated tc rates and/or "free"')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = parser.parse_args(argv)
@@ -1144,17 +1119,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rate in changes['rates']:
             rate_bits_per_second(rate)
     config = dataclasses.replace(config, **changes)
-    out = pathlib.Path(args.out)
-    raw = run(config, out / 'slow_link_raw.json')
+    raw = run(config, args.out / 'slow_link_raw.json')
     summary = summarize(raw)
-    command = 'python benchmarks/slow_link.py ' + ' '.join(argv)
-    text = markdown(raw, summary, command.strip())
-    (out / 'slow_link.json').write_text(json.dumps({'summary': summary, 'raw': raw}, indent=1))
-    (out / 'slow_link.md').write_text(text)
-    plot_loss(raw, summary, out / 'slow_link_loss.png')
-    plot_step_time(raw, summary, out / 'slow_link_step_time.png')
+    command = ' '.join(['python', '-m', __spec__.name, *argv])
     print_table(summary)
-    print(f'\nwrote {out}/slow_link.json, slow_link.md, slow_link_loss.png, slow_link_step_time.png')
+    files = {
+        'slow_link.json': {'summary': summary, 'raw': raw},
+        'slow_link.md': lambda: markdown(raw, summary, command),
+        'slow_link_loss.png': lambda: plot_loss(raw, summary),
+        'slow_link_step_time.png': lambda: plot_step_time(raw, summary),
+    }
+    _output.write(args.out, files, indent=1, echo=False)
     return summary
 
 

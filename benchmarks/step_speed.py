@@ -21,17 +21,14 @@ bytes). The compiled HLO is inspected too: loop fusions and copies per step.
 
 Usage::
 
-    python benchmarks/step_speed.py            # full: 1M, 8M, 64M params, GPT-shaped tree
-    python benchmarks/step_speed.py --quick    # < 3 minutes on 2 CPU cores
-    python benchmarks/step_speed.py --out results/step_speed/ --rounds 30
+    python -m benchmarks.step_speed            # full: 1M, 8M, 64M params, GPT-shaped tree
+    python -m benchmarks.step_speed --quick    # < 3 minutes on 2 CPU cores
+    python -m benchmarks.step_speed --out results/step_speed/ --rounds 30
 
 Writes ``step_speed.json``, ``step_speed.md`` and ``step_speed.png`` to ``--out``.
 """
 
-import argparse
-import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,13 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lion_optax
 
-from _machine import machine, machine_line  # noqa: E402
-from _model_trees import gpt_tree  # noqa: E402
-
-import lion_optax  # noqa: E402
+from . import _output
+from ._model_trees import gpt_tree
 
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-3
@@ -163,7 +157,7 @@ class Runner:
         return (time.perf_counter() - start) / calls
 
 
-def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> dict[str, Any]:
+def bench_tree(shapes, table, rounds: int, target_s: float) -> dict[str, Any]:
     keys = jax.random.split(jax.random.key(2), len(shapes))
     grads = [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
     runners = {name: Runner(name, make(), shapes, grads) for name, (make, _, _) in table.items()}
@@ -182,12 +176,8 @@ def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> d
         per_round = times / (probe_times * ideal_bytes / 12)
         entry = {
             'ideal_bytes_per_param': ideal_bytes,
-            'median_ms': float(np.median(times) * 1e3),
-            'p25_ms': float(np.percentile(times, 25) * 1e3),
-            'p75_ms': float(np.percentile(times, 75) * 1e3),
-            'x_roofline_median': float(np.median(per_round)),
-            'x_roofline_p25': float(np.percentile(per_round, 25)),
-            'x_roofline_p75': float(np.percentile(per_round, 75)),
+            **_output.spread(times, '{}_ms', scale=1e3),
+            **_output.spread(per_round, 'x_roofline_{}'),
             'bytes_per_param_moved_equiv': float(np.median(per_round) * ideal_bytes),
             'state_bytes_per_param': runner.state_bytes / n,
             'hlo': runner.hlo,
@@ -201,9 +191,7 @@ def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> d
         if peer is not None:
             paired = np.asarray(runners[name].times) / np.asarray(runners[peer].times)
             results[name]['peer'] = peer
-            results[name]['vs_peer_median'] = float(np.median(paired))
-            results[name]['vs_peer_p25'] = float(np.percentile(paired, 25))
-            results[name]['vs_peer_p75'] = float(np.percentile(paired, 75))
+            results[name].update(_output.spread(paired, 'vs_peer_{}'))
     del runners
     return {
         'num_params': n,
@@ -215,28 +203,20 @@ def bench_tree(tree_name: str, shapes, table, rounds: int, target_s: float) -> d
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [
+    blocks = [
         '# Lion step speed and memory',
-        '',
-        machine_line(report['machine']),
-        '',
+        _output.machine_line(report['machine']),
         'One jitted step + `optax.apply_updates`, params and state donated. '
         "x own roofline = time / (probe time x the method's ideal bytes per parameter / 12): "
         'the probe (`p -= lr*g`) moves 12 B/param; Lion 20 (f32 momentum), 16 (bf16), '
         '14.25 (int8 + scales), AdamW 28. Medians over interleaved rounds [25-75 %]; ratios '
         'are per round, then the median; "vs peer" is the time over the peer\'s in the same '
         'round (optax.lion, or optax.lion with bf16 momentum for bf16).',
-        '',
     ]
+    header = ['method', 'ms/step [25-75 %]', 'ideal B/param', 'x own roofline', 'vs peer']
+    header += ['state B/param', 'fusions', 'copies', 'temp MB']
     for tree_name, tree in report['trees'].items():
-        lines += [
-            f'## {tree_name}: {tree["num_params"]:,} params, {tree["num_leaves"]} leaves, '
-            f'roofline {tree["roofline_ms"]:.3f} ms',
-            '',
-            '| method | ms/step [25-75 %] | ideal B/param | x own roofline | vs peer | '
-            'state B/param | fusions | copies | temp MB |',
-            '|---|---|---|---|---|---|---|---|---|',
-        ]
+        rows = []
         for name, m in tree['methods'].items():
             vs = (
                 f'{m["vs_peer_median"]:.2f} [{m["vs_peer_p25"]:.2f}-{m["vs_peer_p75"]:.2f}]'
@@ -244,27 +224,34 @@ def markdown(report: dict[str, Any]) -> str:
                 else ''
             )
             temp = m['memory_analysis'].get('temp_size_in_bytes')
-            lines.append(
-                f'| {name} | {m["median_ms"]:.3f} [{m["p25_ms"]:.3f}-{m["p75_ms"]:.3f}] | '
-                f'{m["ideal_bytes_per_param"]:g} | {m["x_roofline_median"]:.2f} [{m["x_roofline_p25"]:.2f}-'
-                f'{m["x_roofline_p75"]:.2f}] | {vs} | {m["state_bytes_per_param"]:.3f} | '
-                f'{m["hlo"]["fusions"]} | {m["hlo"]["copies"]} | '
-                f'{"" if temp is None else f"{temp / 2**20:.1f}"} |'
-            )
-        lines.append('')
-    return '\n'.join(lines)
+            rows.append([
+                name,
+                f'{m["median_ms"]:.3f} [{m["p25_ms"]:.3f}-{m["p75_ms"]:.3f}]',
+                f'{m["ideal_bytes_per_param"]:g}',
+                f'{m["x_roofline_median"]:.2f} [{m["x_roofline_p25"]:.2f}-'
+                f'{m["x_roofline_p75"]:.2f}]',
+                vs,
+                f'{m["state_bytes_per_param"]:.3f}',
+                m['hlo']['fusions'],
+                m['hlo']['copies'],
+                '' if temp is None else f'{temp / 2**20:.1f}',
+            ])
+        blocks += [
+            f'## {tree_name}: {tree["num_params"]:,} params, {tree["num_leaves"]} leaves, '
+            f'roofline {tree["roofline_ms"]:.3f} ms',
+            _output.markdown_table(header, rows),
+        ]
+    return _output.document(*blocks)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+def plot(report: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
     big = {k: v for k, v in report['trees'].items() if v['num_leaves'] == 16}
     sizes = sorted(big.values(), key=lambda t: t['num_params'])
     x = [t['num_params'] for t in sizes]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), dpi=120, layout='tight')
+    ax = fig.subplots()
     for name, style in [
         ('lion_optax.lion', 'o-'),
         ("lion_optax.lion nonfinite='skip_step'", 'D-'),
@@ -298,38 +285,21 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = _output.parser('step_speed', __doc__, out='results/step_speed/')
     parser.add_argument('--quick', action='store_true', help='small sizes, few rounds (< 2 min)')
-    parser.add_argument('--out', default='results/step_speed/', help='output folder')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds per size')
     args = parser.parse_args(argv)
     rounds = args.rounds or (7 if args.quick else 25)
     target = 0.01 if args.quick else 0.05  # seconds per timing sample (several calls if short)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {'machine': machine(), 'quick': args.quick, 'trees': {}}
-    table = METHODS
-    start = time.perf_counter()
-    for tree_name, shapes in trees(args.quick).items():
-        report['trees'][tree_name] = bench_tree(tree_name, shapes, table, rounds, target)
-        print(f'{tree_name}: done after {time.perf_counter() - start:.0f} s', flush=True)
-    report['wall_seconds'] = time.perf_counter() - start
-    (out / 'step_speed.json').write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    (out / 'step_speed.md').write_text(text)
-    plot(report, out / 'step_speed.png')
-    print(text)
-    print(
-        f'Wrote {out.resolve()} (step_speed.json, step_speed.md, step_speed.png) '
-        f'in {report["wall_seconds"]:.0f} s'
+    report = _output.measure_trees(
+        trees(args.quick), lambda shapes: bench_tree(shapes, METHODS, rounds, target), args.quick
     )
-    return out
+    _output.write_report(args.out, 'step_speed', report, markdown, plot)
+    return args.out
 
 
 if __name__ == '__main__':

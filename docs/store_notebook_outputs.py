@@ -3,7 +3,7 @@
 The API reference renders the notebooks as stored (``nb_execution_mode = 'off'`` in
 ``conf.py``): executing them during every docs build would cost CI minutes, and
 without outputs the pages the README points to for plots would show code only.
-After editing a notebook (or what its plots draw, e.g. ``benchmarks/_plots.py``),
+After editing a notebook (or what its plots draw, e.g. ``benchmarks/main_job/_plots.py``),
 run from the repository root:
 
     .venv/bin/python docs/store_notebook_outputs.py [notebooks/NAME.ipynb ...]

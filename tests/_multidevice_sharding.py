@@ -434,22 +434,18 @@ def checkpoints_across_meshes(folder: str) -> dict:
 
 def memory_script_check() -> dict:
     """benchmarks/memory_at_scale.py's per-device bytes against what 8 devices hold."""
-    import os
-
     import jax
     from jax.sharding import AxisType, NamedSharding
 
     import lion_optax
     import lion_optax.checkpoint
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks'))
-    import memory_at_scale
-    from _model_trees import gpt_tree
+    from benchmarks import memory_at_scale
+    from benchmarks._model_trees import abstract_gpt, gpt_tree
 
     devices = 8
     mesh = jax.make_mesh((devices,), ('data',), axis_types=(AxisType.Auto,))
     sizes = dict(blocks=2, width=64, vocab=512, context=128)
-    abstract = memory_at_scale.abstract_gpt(**sizes)
+    abstract = abstract_gpt(**sizes)
     params = jax.tree.map(
         lambda p: jax.device_put(p, NamedSharding(mesh, memory_at_scale.fsdp_spec(p.shape, devices))),
         gpt_tree(**sizes),

@@ -5,13 +5,11 @@ grows faster than its number of leaves (a global scalar, such as the
 finiteness flag or a global norm, whose arithmetic XLA copies into every
 consumer) compiles for minutes on a 48-block model. These tests count the
 instructions of the optimised HLO for GPT-shaped trees of 2 and 8 blocks (28
-and 100 leaves) and a ViT-shaped tree; benchmarks/compile_time.py measures the
-seconds.
+and 100 leaves) and a ViT-shaped tree; ``python -m benchmarks.compile_time``
+measures the seconds.
 """
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +17,7 @@ import optax
 import pytest
 
 import lion_optax
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks'))
-from _model_trees import gpt_tree, vit_tree  # noqa: E402
+from benchmarks._model_trees import gpt_tree, vit_tree
 
 # Compiles GPT trees of 12 to 48 blocks for every configuration.
 pytestmark = pytest.mark.slow

@@ -5,9 +5,6 @@ the weight-decay mask built from the Flax parameter tree exempts biases and norm
 scales, and checkpoints mid-run and resumes to the same numbers.
 """
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +13,8 @@ from flax import linen, nnx
 from flax.training import train_state
 
 import lion_optax
+from benchmarks.main_job._models import decay_mask
 from lion_optax.checkpoint import restore_checkpoint, save_checkpoint
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks'))
-from _tasks import decay_mask  # noqa: E402
 
 LR, WD = 1e-2, 0.5
 # One optimizer object for every test: the jitted steps treat it as static, so a new

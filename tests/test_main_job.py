@@ -10,22 +10,18 @@ structural or exact (every trial recorded with its fields, equal trial counts,
 import dataclasses
 import json
 import math
-import os
+import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from benchmarks.main_job import _data, _optimizers, _protocol, _report, job
+
 from _helpers import child_env
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks')
-sys.path.insert(0, BENCHMARKS)
-import _data  # noqa: E402
-import _optimizers  # noqa: E402
-import _protocol  # noqa: E402
-import _report  # noqa: E402
-import main_job  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 TRIAL_FIELDS = {'optimizer', 'learning_rate', 'weight_decay', 'b1', 'b2', 'seed', 'val_loss'}
 
@@ -138,7 +134,7 @@ def test_tune_refines_between_tried_values():
 
 
 def test_sweep_steps_keep_epochs_fixed():
-    budget = main_job.SIZES['full']
+    budget = job.SIZES['full']
     plan = budget.plans['digits-mlp']
 
     class Task:
@@ -231,7 +227,7 @@ def test_a_choice_past_every_extension_is_flagged_as_an_edge():
 
 
 def test_every_size_plans_equal_tuning_for_every_optimizer():
-    for budget in main_job.SIZES.values():
+    for budget in job.SIZES.values():
         assert budget.tuning_seeds >= 2
         for optimizer in _optimizers.TUNED:
             assert len(optimizer.betas) >= 2
@@ -251,15 +247,9 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('main_job')
     env = child_env(XLA_FLAGS='--xla_backend_optimization_level=0')
     completed = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(BENCHMARKS, 'main_job.py'),
-            '--size',
-            'tiny',
-            '--out',
-            str(out),
-        ],
+        [sys.executable, '-m', 'benchmarks.main_job', '--size', 'tiny', '--out', str(out)],
         check=True,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -281,14 +271,14 @@ def test_tiny_run_writes_every_output(tiny_run):
     report = (out / 'report.md').read_text()
     for heading in ('## Protocol', '## Time per step', '## Batch-size sweeps', 'adamw_to_lion'):
         assert heading in report
-    for name in main_job.SIZES['tiny'].plans:
+    for name in job.SIZES['tiny'].plans:
         assert f'## {name}' in report
 
 
 def test_tiny_run_records_every_trial_with_equal_counts(tiny_run):
     out, _ = tiny_run
     result = json.loads((out / 'results.json').read_text())
-    budget = main_job.SIZES['tiny']
+    budget = job.SIZES['tiny']
     assert result['size'] == 'tiny'
     assert result['progress_steps'] == result['planned_steps']  # the bar ends at its total
     assert [t['name'] for t in result['tasks']] == list(budget.plans)
@@ -315,7 +305,7 @@ def test_tiny_run_records_every_trial_with_equal_counts(tiny_run):
 def test_tiny_run_compares_on_paired_seeds(tiny_run):
     out, _ = tiny_run
     result = json.loads((out / 'results.json').read_text())
-    budget = main_job.SIZES['tiny']
+    budget = job.SIZES['tiny']
     labels = [o.label for o in _optimizers.OPTIMIZERS]
     for task in result['tasks']:
         summaries = {s['optimizer']: s for s in task['summaries']}
@@ -353,7 +343,7 @@ def test_tiny_run_compares_on_paired_seeds(tiny_run):
 def test_tiny_run_sweeps_every_planned_batch_size(tiny_run):
     out, _ = tiny_run
     result = json.loads((out / 'results.json').read_text())
-    budget = main_job.SIZES['tiny']
+    budget = job.SIZES['tiny']
     planned = {name: plan.sweep for name, plan in budget.plans.items() if plan.sweep}
     assert [s['task'] for s in result['batch_sweeps']] == list(planned)
     for sweep in result['batch_sweeps']:

@@ -1,4 +1,4 @@
-"""The main job's curves figure (benchmarks/_plots.py): every curve visible, every name shown.
+"""The main job's curves figure (benchmarks/main_job/_plots.py): every curve visible, every name shown.
 
 Issue 18: in curves.png, optax.lion = lion_optax.lion was hidden under the int8 curve,
 and five min-max bands piled up on one panel. The figure now has one row per comparison
@@ -8,20 +8,16 @@ same point, so a curve drawn over another still shows its own markers.
 
 import itertools
 import json
-import os
-import sys
+import pathlib
 
 import numpy as np
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks')
-sys.path.insert(0, BENCHMARKS)
-import _optimizers  # noqa: E402
-import _plots  # noqa: E402
+from benchmarks.main_job import _optimizers, _plots
 
 NAMES = [o.label for o in (_optimizers.ADAMW, _optimizers.OPTAX_LION, _optimizers.LION,
                            _optimizers.CAUTIOUS_LION, _optimizers.INT8_LION)]
-REFERENCE = os.path.join(BENCHMARKS, 'reference', 'results.json')
+REFERENCE = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks' / 'reference' / 'results.json'
 
 
 def _result(points=20, seeds=3):

@@ -1,4 +1,4 @@
-"""The slow-link benchmark's harness (benchmarks/slow_link.py), on a small run.
+"""The slow-link benchmark's harness (``benchmarks.slow_link``), on a small run.
 
 Two processes (one CPU device each, gloo over loopback) train a tiny MLP in a
 private network namespace whose loopback is throttled to 4 Mbit/s, then
@@ -13,15 +13,11 @@ namespaces, no ``tc``).
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = str(Path(__file__).resolve().parent.parent / 'benchmarks')
-sys.path.insert(0, BENCHMARKS)
-import slow_link  # noqa: E402
+from benchmarks import slow_link
 
 RATE = '4mbit'
 METHODS = (slow_link.ALL_REDUCE_LION, slow_link.VOTE)
@@ -98,12 +94,12 @@ def test_throttled_results_equal_the_unthrottled_run_bit_for_bit(slow_link_run):
 @pytest.mark.slow
 def test_the_report_has_every_cell_and_a_markdown_table(slow_link_run, tmp_path):
     raw, summary = slow_link_run
-    text = slow_link.markdown(raw, summary, 'python benchmarks/slow_link.py (test)')
+    text = slow_link.markdown(raw, summary, 'python -m benchmarks.slow_link (test)')
     assert '| 4mbit | distributed lion (vote) |' in text
     assert '| unthrottled | distributed lion (vote) |' in text
     assert 'free link: the vote step no slower' in text  # the goals table
-    slow_link.plot_step_time(raw, summary, tmp_path / 'steps.png')
-    slow_link.plot_loss(raw, summary, tmp_path / 'loss.png')
+    slow_link.plot_step_time(raw, summary).savefig(tmp_path / 'steps.png')
+    slow_link.plot_loss(raw, summary).savefig(tmp_path / 'loss.png')
     assert os.path.getsize(tmp_path / 'steps.png') > 1000
     assert os.path.getsize(tmp_path / 'loss.png') > 1000
 

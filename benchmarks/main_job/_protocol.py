@@ -35,10 +35,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import _optimizers
-import _tasks
-import _training
 import numpy as np
+
+from . import _optimizers, _tasks, _training
 
 Hyperparameters = _optimizers.Hyperparameters
 Optimizer = _optimizers.Optimizer

@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import _optimizers
 import numpy as np
+
+from . import _optimizers
 
 STYLES = {
     _optimizers.ADAMW.label: dict(color='black', linestyle='-', marker='s'),
@@ -107,7 +108,7 @@ def plot_curves(result: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
     tasks = result['tasks']
-    fig = Figure(figsize=(5.5 * len(tasks), 8.5), layout='constrained')
+    fig = Figure(figsize=(5.5 * len(tasks), 8.5), dpi=110, layout='constrained')
     axes = fig.subplots(len(COMPARISONS), len(tasks), squeeze=False)
     for column, task in enumerate(tasks):
         curves, bands = _task_curves(task)
@@ -153,7 +154,7 @@ def plot_sweep(result: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
     sweeps = result['batch_sweeps']
-    fig = Figure(figsize=(5.5 * len(sweeps), 7), layout='constrained')
+    fig = Figure(figsize=(5.5 * len(sweeps), 7), dpi=110, layout='constrained')
     axes = fig.subplots(2, len(sweeps), squeeze=False)
     lion = _optimizers.LION.label
     for column, sweep in enumerate(sweeps):

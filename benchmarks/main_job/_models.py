@@ -1,9 +1,10 @@
 """The benchmarks' models (Flax NNX), used as pure parameter trees.
 
 Every benchmark trains functionally: :func:`init_params` builds a model from a seed
-and keeps only its parameter tree, :func:`apply` runs the model on a tree, and
-:func:`decay_mask` says which leaves get weight decay. The same :class:`MLP` serves
-the main job, ``momentum_precision_digits.py`` and ``distributed_lion.py``.
+and keeps only its parameter tree, :func:`apply` runs the model on a tree,
+:func:`loss_and_accuracy` scores it on labelled examples, and :func:`decay_mask` says
+which leaves get weight decay. The same :class:`MLP` serves the main job,
+``momentum_precision_digits``, ``distributed_lion`` and ``slow_link``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 # Builds a fresh model; called with the keyword ``rngs``.
@@ -111,6 +113,21 @@ def init_params(make_model: ModelFactory, key: jax.Array | int) -> Any:
 def apply(graphdef: nnx.GraphDef, params: Any, x: jax.Array) -> jax.Array:
     """Runs the model described by ``graphdef`` with parameters ``params`` on ``x``."""
     return nnx.merge(graphdef, params)(x)
+
+
+def loss_and_accuracy(
+    graphdef: nnx.GraphDef, params: Any, x: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The model's mean softmax cross-entropy (in float32) and accuracy on integer ``labels``."""
+    logits = apply(graphdef, params, x).astype(jnp.float32)
+    loss_ = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = (logits.argmax(-1) == labels).mean()
+    return loss_, accuracy
+
+
+def loss(graphdef: nnx.GraphDef, params: Any, x: jax.Array, labels: jax.Array) -> jax.Array:
+    """The mean cross-entropy of :func:`loss_and_accuracy`: what training differentiates."""
+    return loss_and_accuracy(graphdef, params, x, labels)[0]
 
 
 # ---------------------------------------------------------------------------

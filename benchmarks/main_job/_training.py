@@ -16,15 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import _models
-import _optimizers
-import _tasks
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import lion_optax
+
+from . import _models, _optimizers, _tasks
 
 
 @dataclasses.dataclass
@@ -66,18 +65,6 @@ class RunResult:
         return None, None
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean softmax cross-entropy (in float32) and accuracy of integer ``labels``."""
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = (logits.argmax(-1) == labels).mean()
-    return loss, accuracy
-
-
-def _loss(task: _tasks.Task, params: Any, x: jax.Array, y: jax.Array):
-    return cross_entropy(_models.apply(task.graphdef, params, x), y)
-
-
 @functools.cache
 def _initializer(task: _tasks.Task) -> Callable[[jax.Array], Any]:
     # One compilation for the whole model instead of one per parameter shape.
@@ -97,7 +84,7 @@ def _evaluator(task: _tasks.Task) -> Callable[..., tuple[jax.Array, jax.Array]]:
         # Loss and accuracy per example, 64 examples at a time; every example has the
         # same number of targets, so the mean of per-example means is the overall mean.
         def per_example(xy):
-            return _loss(task, params, xy[0][None], xy[1][None])
+            return _models.loss_and_accuracy(task.graphdef, params, xy[0][None], xy[1][None])
 
         losses, accuracies = jax.lax.map(per_example, (x, y), batch_size=64)
         return losses.mean(), accuracies.mean()
@@ -124,9 +111,8 @@ def _gradient(task: _tasks.Task, batch_size: int) -> Callable[..., tuple[jax.Arr
 
     def gradient(params, data, key, step):
         x, y = sample(jax.random.fold_in(key, step), data)
-        (loss, _), grads = jax.value_and_grad(functools.partial(_loss, task), has_aux=True)(
-            params, x, y
-        )
+        loss_and_accuracy = functools.partial(_models.loss_and_accuracy, task.graphdef)
+        (loss, _), grads = jax.value_and_grad(loss_and_accuracy, has_aux=True)(params, x, y)
         return loss, grads
 
     return jax.jit(gradient)

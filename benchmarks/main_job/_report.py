@@ -11,10 +11,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import _optimizers
-import _protocol
-import _training
 import numpy as np
+
+from .._output import markdown_table, quartiles
+from . import _optimizers, _protocol, _training
 
 ADAMW = _optimizers.ADAMW.label
 RULE = (3.0, 10.0)  # adamw_to_lion's factor range, from the paper
@@ -34,11 +34,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def step_time_stats(runs: Sequence[_training.RunResult]) -> dict[str, float]:
     """Median and spread (quartiles, extremes) in ms of every timed block's time per step."""
     ms = 1e3 * np.array([t for r in runs for t in r.seconds_per_step()])
-    q25, median, q75 = np.percentile(ms, [25, 50, 75])
+    median, q25, q75 = quartiles(ms)
     return dict(
-        ms_per_step_median=float(median),
-        ms_per_step_q25=float(q25),
-        ms_per_step_q75=float(q75),
+        ms_per_step_median=median,
+        ms_per_step_q25=q25,
+        ms_per_step_q75=q75,
         ms_per_step_min=float(ms.min()),
         ms_per_step_max=float(ms.max()),
         timed_blocks=len(ms),
@@ -276,13 +276,6 @@ def _fmt_betas(s: dict[str, Any]) -> str:
 
 def _fmt_loss(s: dict[str, Any]) -> str:
     return f'{s["test_loss_mean"]:.4f} ± {s["test_loss_std"]:.4f}'
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table from header cells and rows of cells."""
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
-    return '\n'.join(lines)
 
 
 def task_table(task: dict[str, Any]) -> str:

@@ -11,14 +11,10 @@ import dataclasses
 import functools
 from typing import Any
 
-import _data
-import _models
 import numpy as np
 from flax import nnx
 
-# Kept importable from here for the code that imported it before the split
-# (tests/test_flax.py); the mask lives with the models.
-decay_mask = _models.decay_mask
+from . import _data, _models
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (cache key)

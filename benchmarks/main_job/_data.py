@@ -6,9 +6,9 @@
   (about 465k characters), split 80/10/10 into contiguous train, validation and test
   parts (so the held-out text is about topics the model never saw).
 
-Every benchmark that trains on digits (the main job, ``momentum_precision_digits.py``,
-``distributed_lion.py``) reads them through :func:`load_digits_splits`, so all of them
-train, tune and report on the same images.
+Every benchmark that trains on digits (the main job, ``momentum_precision_digits``,
+``distributed_lion``, ``slow_link``) reads them through :func:`load_digits_splits`, so
+all of them train, tune and report on the same images.
 """
 
 from __future__ import annotations

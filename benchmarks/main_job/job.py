@@ -1,9 +1,9 @@
 """The main job: Lion against AdamW on real tasks, every optimizer tuned by the same protocol.
 
-Run it with::
+Run it from the repository root with::
 
-    python benchmarks/main_job.py            # full run (< 30 min on 2 CPU cores)
-    python benchmarks/main_job.py --quick    # the same protocol, smaller (< 3 min)
+    python -m benchmarks.main_job            # full run (< 30 min on 2 CPU cores)
+    python -m benchmarks.main_job --quick    # the same protocol, smaller (< 3 min)
 
 Tasks (all data ships with Python or scikit-learn; nothing is downloaded): an MLP and
 a small CNN on scikit-learn's handwritten digits, and a character-level Transformer
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -36,15 +35,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import optax
 
-import _optimizers  # noqa: E402
-import _plots  # noqa: E402
-import _protocol  # noqa: E402
-import _report  # noqa: E402
-import jax  # noqa: E402
-import optax  # noqa: E402
-from _protocol import Budget, Plan, Sweep, log_grid  # noqa: E402
+from .. import _output
+from . import _optimizers, _plots, _protocol, _report
+from ._protocol import Budget, Plan, Sweep, log_grid
 
 HALF_DECADE = _protocol.LEARNING_RATE_STEP
 WEIGHT_DECAYS = (0.01, 0.1, 1.0)
@@ -118,13 +114,10 @@ def machine_description() -> str:
     )
 
 
-def load_average() -> list[float] | None:
-    """The machine's 1, 5 and 15 minute load averages (timings mean more on a quiet one)."""
-    return list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = _output.parser(
+        'main_job', __doc__, out=None, out_help='results/main_job-<size>-<time>'
+    )
     parser.add_argument(
         '--quick',
         action='store_const',
@@ -136,12 +129,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         '--size', choices=sorted(SIZES), help="run size (default: full; 'tiny' is a smoke test)"
     )
     parser.set_defaults(size='full')
-    parser.add_argument(
-        '--out',
-        type=pathlib.Path,
-        default=None,
-        help='output folder (default: results/main_job-<size>-<time>)',
-    )
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     return parser.parse_args(argv)
 
@@ -159,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
     print(f'main job, size {args.size!r}: {total:,} training steps planned', flush=True)
     for phase in _protocol.phases(budget, tasks):
         print(f'  {phase.describe()}', flush=True)
-    load_at_start = load_average()
+    load_at_start = _output.load_average()
 
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -186,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
         machine=machine_description(),
         size=args.size,
         command=' '.join(
-            ['python', 'benchmarks/main_job.py', *(argv if argv is not None else sys.argv[1:])]
+            ['python', '-m', 'benchmarks.main_job', *(argv if argv is not None else sys.argv[1:])]
         ),
         versions=(
             f'python {platform.python_version()}, jax {jax.__version__}, optax {optax.__version__}'
@@ -201,15 +188,15 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
         progress_steps=runner.progress_steps,
         part_seconds=seconds,
         wall_seconds=time.perf_counter() - start,
-        load_average=dict(start=load_at_start, end=load_average()),
+        load_average=dict(start=load_at_start, end=_output.load_average()),
     )
-    (out / 'results.json').write_text(json.dumps(result, indent=1, default=float))
-    _plots.plot_curves(result).savefig(out / 'curves.png', dpi=110)
-    _plots.plot_sweep(result).savefig(out / 'batch_sweep.png', dpi=110)
-    text = _report.report_text(result)
-    (out / 'report.md').write_text(text)
-    print(text)
-    print(f'\nWrote report.md, results.json, curves.png and batch_sweep.png to {out}')
+    files = {
+        'results.json': result,
+        'curves.png': lambda: _plots.plot_curves(result),
+        'batch_sweep.png': lambda: _plots.plot_sweep(result),
+        'report.md': lambda: _report.report_text(result),
+    }
+    _output.write(out, files, indent=1)
     return out
 
 
