@@ -12,13 +12,13 @@ Example:
   1
 """
 
-from lion_optax._src.checkpoint import (
+from lion_optax._src.checkpoint.restore import (
     CheckpointCorruptError,
     CheckpointMismatchError,
-    latest_step,
     restore_checkpoint,
-    save_checkpoint,
 )
+from lion_optax._src.checkpoint.save import save_checkpoint
+from lion_optax._src.checkpoint.steps import latest_step
 
 __all__ = [
     'CheckpointCorruptError',

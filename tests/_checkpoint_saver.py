@@ -43,7 +43,8 @@ import optax
 import orbax.checkpoint  # noqa: F401 - imported here once, not in every child
 
 import lion_optax
-from lion_optax._src import checkpoint
+from lion_optax import checkpoint
+from lion_optax._src.checkpoint import files, manifest
 
 
 def label(i):
@@ -135,17 +136,18 @@ def _remove_half(path):
         p.unlink()
 
 
-# Where a save can be made to kill itself. Each entry wraps one function of the checkpoint
-# module: (name, run the original first?, what to do at the N-th call instead of returning).
+# Where a save can be made to kill itself. Each entry wraps one function of a checkpoint
+# module (the save calls them through their modules, so one wrapper sees every call):
+# (module, name, run the original first?, what to do at the N-th call instead of returning).
 _FAULTS = {
     # Orbax has written the new copy; its manifest is not written yet.
-    'before-manifest': ('_write_manifest', False, None),
+    'before-manifest': (manifest, 'write', False, None),
     # The new copy is complete (manifest written) but not switched in.
-    'after-manifest': ('_write_manifest', True, None),
+    'after-manifest': (manifest, 'write', True, None),
     # After the N-th rename (a new step's switch, or either rename of an overwrite).
-    'after-rename': ('_rename', True, None),
+    'after-rename': (files, 'rename', True, None),
     # Half-way through deleting the N-th folder that gets deleted (old copies, leftovers).
-    'remove-half': ('_remove_tree', False, _remove_half),
+    'remove-half': (files, 'remove_tree', False, _remove_half),
 }
 
 
@@ -153,8 +155,8 @@ def _install_fault(fault):
     if fault == '-':
         return
     where, n = fault.split(':')
-    name, original_first, partial = _FAULTS[where]
-    original = getattr(checkpoint, name)
+    module, name, original_first, partial = _FAULTS[where]
+    original = getattr(module, name)
     calls = [0]
 
     def wrapper(*args):
@@ -167,7 +169,7 @@ def _install_fault(fault):
             partial(*args)
         _die()
 
-    setattr(checkpoint, name, wrapper)
+    setattr(module, name, wrapper)
 
 
 def _child(trial, folder, max_saves, fault):

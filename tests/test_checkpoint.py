@@ -33,9 +33,11 @@ import optax
 import pytest
 
 import lion_optax
-from lion_optax._src import checkpoint
-from lion_optax._src.checkpoint import CheckpointCorruptError
+from lion_optax._src.checkpoint import files as files_lib
+from lion_optax._src.checkpoint import manifest as manifest_lib
+from lion_optax._src.checkpoint import steps as steps_lib
 from lion_optax.checkpoint import (
+    CheckpointCorruptError,
     CheckpointMismatchError,
     latest_step,
     restore_checkpoint,
@@ -340,7 +342,7 @@ def test_every_byte_of_every_file_is_covered_flipped_truncated_or_deleted(tmp_pa
     new = jax.tree.map(lambda x: x + 1, old)
     save_checkpoint(tmp_path, 1, old)
     folder = save_checkpoint(tmp_path, 2, new)
-    manifest_name = checkpoint._MANIFEST
+    manifest_name = manifest_lib.FILENAME
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file())
     listed = set(json.loads((folder / manifest_name).read_text())['files'])
     assert listed == set(names) - {manifest_name}, 'a file the save wrote is not checksummed'
@@ -450,6 +452,58 @@ def test_manifest_of_wrong_types_or_layout_is_damaged_not_a_crash(tmp_path):
     assert restore_checkpoint(tmp_path, {'x': jnp.float32(0)})[1] == 2
 
 
+def test_manifest_parser_never_raises_and_accepts_only_the_bytes_a_save_wrote(tmp_path):
+    """The manifest's parser on its own: every flipped byte and truncation is a status
+    with a reason, never an exception, and so is JSON nested too deep for the decoder (a
+    RecursionError). A flip can only make the step damaged, or (in its format_version)
+    of another format."""
+    folder = save_checkpoint(tmp_path, 1, {'x': jnp.float32(1)})
+    raw = (folder / manifest_lib.FILENAME).read_bytes()
+    assert manifest_lib.parse(raw)[0] == 'complete'
+    damaged = [bytes(raw[:n]) for n in range(len(raw))]
+    for where in range(len(raw)):
+        for bit in (0x01, 0x80):  # 0x80: no longer UTF-8
+            flipped = bytearray(raw)
+            flipped[where] ^= bit
+            damaged.append(bytes(flipped))
+    damaged.append(b'[' * 100_000 + b']' * 100_000)
+    for edited in damaged:
+        status, why = manifest_lib.parse(edited)
+        assert status in ('damaged', 'in another format') and why, (edited, status, why)
+
+
+def test_manifest_of_another_format_is_refused_as_a_mismatch(tmp_path):
+    save_checkpoint(tmp_path, 1, {'x': jnp.float32(1)})
+    folder = save_checkpoint(tmp_path, 2, {'x': jnp.float32(2)})
+    manifest = json.loads((folder / manifest_lib.FILENAME).read_text())
+    _write_manifest_like_a_save(folder, dict(manifest, format_version=3))
+    assert latest_step(tmp_path) == 1
+    with pytest.raises(CheckpointMismatchError, match=r'step 2 .* in another format: .*format 3'):
+        restore_checkpoint(tmp_path, {'x': jnp.float32(0)}, step=2)
+    with pytest.warns(RuntimeWarning, match='step 2 .*format 3'):
+        assert restore_checkpoint(tmp_path, {'x': jnp.float32(0)})[1] == 1
+
+
+def test_files_are_hashed_alike_one_by_one_and_in_the_pool(tmp_path):
+    """Checkpoints of 8 MiB and more are hashed by a thread pool on restore (and every
+    save with several files flushes in one): same sizes and SHA-256 as hashlib's."""
+    rng = np.random.default_rng(0)
+    names = ['a', 'b/c', 'b/d']
+    (tmp_path / 'b').mkdir()
+    for name, size in zip(names, [5 << 20, 4 << 20, 0]):
+        (tmp_path / name).write_bytes(rng.bytes(size))
+    expected = {
+        name: ((tmp_path / name).stat().st_size,
+               hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+        for name in names
+    }
+    assert files_lib.hash_files(tmp_path, names) == expected  # 9 MiB: the pool
+    assert files_lib.hash_files(tmp_path, names, flush=True) == expected
+    assert files_lib.hash_files(tmp_path, names[1:]) == {n: expected[n] for n in names[1:]}
+    with pytest.raises(FileNotFoundError):
+        files_lib.hash_files(tmp_path, names + ['missing'])
+
+
 def test_zero_size_leaves_round_trip(tmp_path):
     tree = {
         'empty': jnp.zeros((0, 3), jnp.bfloat16),
@@ -492,7 +546,7 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_copy(tmp_path, monkeypatch
     def disk_full(folder, step):
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(checkpoint, '_write_manifest', disk_full)
+    monkeypatch.setattr(manifest_lib, 'write', disk_full)
     for step in (1, 2):  # an overwrite and a new step
         with pytest.raises(OSError, match='No space left'):
             save_checkpoint(tmp_path, step, {'x': jnp.zeros(2)}, overwrite=True)
@@ -775,7 +829,7 @@ class _Run:
             assert newest <= i <= newest + 1, (context, newest, i, names)
             _assert_trees_bitwise_equal(restored, self.state(i))
             # Every older step is still there and complete.
-            assert checkpoint._complete_steps(folder) == list(range(step + 1)), (context, names)
+            assert steps_lib.complete_steps(folder) == list(range(step + 1)), (context, names)
             return i
 
     def resume_here(self, folder, context):

@@ -31,8 +31,7 @@ from lion_optax._src import kappa as kappa_lib
 from lion_optax._src import validation
 from lion_optax._src import weight_decay as weight_decay_lib
 from lion_optax._src.numerics import compute_dtype
-
-PyTree = Any
+from lion_optax._src.pytree import PyTree
 
 
 class ConstraintDiagnostics(NamedTuple):

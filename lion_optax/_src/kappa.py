@@ -48,8 +48,7 @@ import jax.numpy as jnp
 
 from lion_optax._src import reductions, validation
 from lion_optax._src.numerics import compute_dtype
-
-PyTree = Any
+from lion_optax._src.pytree import PyTree
 
 Scope = Literal['leaf', 'global']
 SCOPES: tuple[str, ...] = typing.get_args(Scope)

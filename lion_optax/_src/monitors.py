@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from lion_optax._src import sharding, validation
-
-PyTree = Any
+from lion_optax._src.pytree import PyTree
 
 
 def _fraction(count_leaf, a: PyTree, b: PyTree, *, per_leaf: bool, who: str) -> Any:
