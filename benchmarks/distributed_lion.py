@@ -12,7 +12,7 @@ The bytes one device sends per step are read from each compiled train step
 (``lion_optax.hlo.bytes_sent_per_device``), so the second plot (held-out loss
 against bytes communicated) uses measured traffic, not a formula. A second
 table extrapolates the traffic to 1e9 parameters and up to 1024 workers with
-``lion_optax.sign_layout``.
+``lion_optax.hlo.sign_layout``.
 
 Run::
 
@@ -146,7 +146,7 @@ def run(
         'seed': seed,
         'bytes_per_step': bytes_per_step,
         'collectives': [
-            [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo.hlo_collectives(compiled)
+            [c.kind, c.buffer_bytes, c.bytes_sent] for c in lion_optax.hlo.collectives(compiled)
         ],
         'train_loss': train_loss,
         'test_steps': test_steps,
@@ -159,8 +159,8 @@ def run(
 def scaling_table(num_params: int = 10**9, workers=(8, 64, 256, 1024)) -> list[dict]:
     rows = []
     for n in workers:
-        vote = lion_optax.sign_layout(num_params, n, 'vote')
-        average = lion_optax.sign_layout(num_params, n, 'average')
+        vote = lion_optax.hlo.sign_layout(num_params, n, 'vote')
+        average = lion_optax.hlo.sign_layout(num_params, n, 'average')
         rows.append(
             {
                 'workers': n,

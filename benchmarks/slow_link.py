@@ -422,10 +422,10 @@ class _Worker:
 
         import lion_optax
 
-        from .main_job import _models
+        from .main_job import _models, _optimizers
 
         lion_lr, lion_wd = lion_optax.adamw_to_lion(ADAMW_LR, ADAMW_WD, factor=LION_FACTOR)
-        shape = lion_optax.warmup_cosine_schedule(1.0, steps)
+        shape = _optimizers.schedule_shape(steps)
 
         def schedule(peak):
             return lambda count: peak * shape(count)

@@ -21,6 +21,21 @@ import lion_optax
 Betas = tuple[float, float]
 
 
+def schedule_shape(total_steps: int) -> optax.Schedule:
+    """The shared schedule with a peak of 1: linear warmup over 5% of the steps, then
+    a cosine decay to 10% of the peak, as the Lion paper recommends for both optimizers.
+
+    Multiply it by a (possibly traced) peak learning rate.
+    """
+    return optax.schedules.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=1.0,
+        warmup_steps=int(round(0.05 * total_steps)),
+        decay_steps=total_steps,
+        end_value=0.1,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     """One point of a search space.
@@ -64,11 +79,9 @@ class Optimizer:
     ) -> optax.GradientTransformation:
         """The transformation with the shared schedule shape and weight-decay mask.
 
-        The schedule is a linear warmup over 5% of ``total_steps`` then a cosine
-        decay to 10% of the peak (``lion_optax.warmup_cosine_schedule``), as the Lion
-        paper recommends for both optimizers.
+        The schedule is :func:`schedule_shape` scaled by the peak learning rate.
         """
-        shape = lion_optax.warmup_cosine_schedule(1.0, total_steps)  # needs a concrete peak
+        shape = schedule_shape(total_steps)
         peak = hyperparameters.learning_rate
         return self.factory(
             learning_rate=lambda count: peak * shape(count),
