@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 
 import _checkpoint_saver as saver
 import jax
@@ -180,6 +181,35 @@ def test_optax_lion_checkpoint_continues_in_lion_optax_and_back(tmp_path, kwargs
     save_checkpoint(tmp_path, 6, {'params': continued[0], 'opt_state': continued[1]})
     back, _ = restore_checkpoint(tmp_path, {'params': params, 'opt_state': theirs.init(params)})
     _assert_trees_bitwise_equal(back['opt_state'], expected[1])
+
+
+class _SkipNonfiniteStateOf02(typing.NamedTuple):
+    """SkipNonfiniteState as lion_optax 0.2 wrote it (its counter's old name)."""
+
+    inner_state: typing.Any
+    skipped_steps: jax.Array
+
+
+def test_checkpoint_with_the_old_skipped_steps_name_restores_into_the_renamed_state(tmp_path):
+    """A 0.2 checkpoint of skip_nonfinite's state (counter ``skipped_steps``) restores
+    into this version's SkipNonfiniteState (``nonfinite_gradient_steps``); any other
+    unknown name is still refused."""
+    params = {'w': jnp.arange(3.0)}
+    tx = lion_optax.skip_nonfinite(lion_optax.lion(1e-2))
+    state = tx.init(params)
+    old = _SkipNonfiniteStateOf02(state.inner_state, jnp.int32(4))
+    save_checkpoint(tmp_path, 1, {'params': params, 'opt_state': old})
+    restored, _ = restore_checkpoint(tmp_path, {'params': params, 'opt_state': state})
+    assert isinstance(restored['opt_state'], lion_optax.SkipNonfiniteState)
+    assert int(restored['opt_state'].nonfinite_gradient_steps) == 4
+    _assert_trees_bitwise_equal(restored['opt_state'].inner_state, state.inner_state)
+
+    class Other(typing.NamedTuple):
+        inner_state: typing.Any
+        other_counter: jax.Array
+
+    with pytest.raises(CheckpointMismatchError, match='skipped_steps: in the checkpoint only'):
+        restore_checkpoint(tmp_path, {'params': params, 'opt_state': Other(state.inner_state, 0)})
 
 
 def test_same_leaves_in_another_tree_type_are_refused(tmp_path):

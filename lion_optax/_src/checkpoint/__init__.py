@@ -47,6 +47,8 @@ job every process calls :func:`save_checkpoint`; process 0 alone renames and
 deletes folders, between barriers, and every process checks the files on restore.
 Checkpoints of format 1 (lion_optax before manifests) are not restored: they
 cannot be checked; restore them with the version that wrote them and save again.
+A state field renamed since (``SkipNonfiniteState.skipped_steps``, now
+``nonfinite_gradient_steps``) restores from a checkpoint that holds its old name.
 
 Layout: ``directory/<step>/`` holds an orbax composite checkpoint with the items
 ``arrays`` (the leaves with at least one element, flattened; absent when there is

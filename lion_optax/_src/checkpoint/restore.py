@@ -58,8 +58,11 @@ class CheckpointCorruptError(ValueError):
 
 def _mismatches(spec: dict[str, Any], paths: list[str], leaves: list[Any]) -> list[str]:
     """Human-readable differences between a saved spec and a target's leaves."""
-    saved = {p: (tuple(s), d) for p, s, d in zip(spec['paths'], spec['shapes'], spec['dtypes'])}
     wanted = {p: tree.leaf_spec(leaf) for p, leaf in zip(paths, leaves)}
+    saved = {
+        tree.current_path(p, set(wanted)): (tuple(s), d)
+        for p, s, d in zip(spec['paths'], spec['shapes'], spec['dtypes'])
+    }
 
     def show(shape_dtype):
         shape, dtype = shape_dtype

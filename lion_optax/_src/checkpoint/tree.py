@@ -17,6 +17,33 @@ from lion_optax._src.pytree import PyTree
 SPEC = 'lion_optax'
 ARRAYS = 'arrays'
 
+# State fields renamed since checkpoints of this format were first written: the last
+# key of a saved path (old name) -> the name the field has now. A checkpoint that
+# holds the old name restores into a target built by this version.
+RENAMED_FIELDS = {
+    # lion_optax 0.2: SkipNonfiniteState.skipped_steps.
+    'skipped_steps': 'nonfinite_gradient_steps',
+}
+
+
+def current_path(saved_path: str, target_paths: set[str]) -> str:
+    """``saved_path`` with a renamed last field (:data:`RENAMED_FIELDS`) under its new
+    name, where the target has the new name and not the old one; otherwise as is.
+
+    Example:
+      >>> current_path('[1].skipped_steps', {'[1].nonfinite_gradient_steps'})
+      '[1].nonfinite_gradient_steps'
+      >>> current_path('[1].skipped_steps', {'[1].skipped_steps'})
+      '[1].skipped_steps'
+    """
+    for old, new in RENAMED_FIELDS.items():
+        suffix = '.' + old
+        if saved_path.endswith(suffix) and saved_path not in target_paths:
+            renamed = saved_path[: -len(suffix)] + '.' + new
+            if renamed in target_paths:
+                return renamed
+    return saved_path
+
 
 def array_name(index: int) -> str:
     """The name of leaf ``index``'s array in the ``arrays`` item (save and restore agree)."""
