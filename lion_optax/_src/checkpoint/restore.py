@@ -59,8 +59,9 @@ class CheckpointCorruptError(ValueError):
 def _mismatches(spec: dict[str, Any], paths: list[str], leaves: list[Any]) -> list[str]:
     """Human-readable differences between a saved spec and a target's leaves."""
     wanted = {p: tree.leaf_spec(leaf) for p, leaf in zip(paths, leaves)}
+    target_paths = set(wanted)
     saved = {
-        tree.current_path(p, set(wanted)): (tuple(s), d)
+        tree.current_path(p, target_paths): (tuple(s), d)
         for p, s, d in zip(spec['paths'], spec['shapes'], spec['dtypes'])
     }
 
