@@ -573,8 +573,7 @@ def custom_kappa(
                 f'array c): {error}. Pass a function of one array, e.g. '
                 'lambda c: jnp.tanh(2.0 * c).'
             ) from error
-    if not isinstance(elementwise, bool):
-        raise TypeError(f'elementwise must be True or False, got {elementwise!r}.')
+    validation.check_bool('elementwise', elementwise)
     if dual_norm is not None:
         q = validation.concrete_float(dual_norm)
         if q is None or not q >= 1.0:
